@@ -1,0 +1,120 @@
+"""AR splits, token orders, the generalized causal mask and the AR loss weights (paper Sec. 3-5, App. A).
+
+Pure functions on tensors; every random draw goes through the torch.Generator passed in.
+A "step id" tensor (N, L) gives, for each position in the AR order of a sample, its AR step (0-based,
+non-decreasing): tokens 0..c_1-1 are step 0, tokens c_1..c_2-1 step 1, and so on.
+"""
+import torch
+
+
+def sample_num_steps(n, num_tokens, gamma, generator):
+    """Number of AR steps S in 1..L for n samples, P(S = k) proportional to gamma^(k-1) (SPEC.md Sec. 3).
+
+    gamma = 1 is uniform; gamma = 0 always gives S = 1 (the in-context DiT baseline)."""
+    k = torch.arange(num_tokens, dtype=torch.float64)
+    probs = torch.where(k == 0, 1.0, torch.tensor(float(gamma), dtype=torch.float64) ** k)
+    return torch.multinomial(probs, n, replacement=True, generator=generator) + 1  # (n,)
+
+
+def sample_step_ids(num_steps, num_tokens, generator):
+    """Random split of L tokens into S[i] non-empty steps: S-1 distinct cut points drawn uniformly from 1..L-1.
+
+    Returns step ids (N, L). Vectorized over samples with different S: the cut points are the S-1 positions
+    of lowest rank in a random permutation of the L-1 candidates, which is a uniform (S-1)-subset."""
+    n = num_steps.shape[0]
+    ranks = torch.rand(n, num_tokens - 1, generator=generator).argsort(1).argsort(1)  # (N, L-1)
+    cuts = ranks < (num_steps[:, None] - 1)  # cut before position j+1
+    zero = torch.zeros(n, 1, dtype=torch.long)
+    return torch.cat([zero, cuts.long().cumsum(1)], dim=1)  # (N, L)
+
+
+def step_ids_from_sizes(sizes):
+    """Step ids (L,) of consecutive steps with the given sizes, e.g. [2, 2, 3] -> [0, 0, 1, 1, 2, 2, 2]."""
+    sizes = torch.as_tensor(sizes)
+    return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+
+
+def equal_split(num_steps, num_tokens):
+    """Step sizes as equal as possible (the larger ones first), e.g. (3, 7) -> [3, 2, 2]."""
+    if not 1 <= num_steps <= num_tokens:
+        raise ValueError(f"number of AR steps must be in 1..{num_tokens}, got {num_steps}")
+    base, extra = divmod(num_tokens, num_steps)
+    return [base + (i < extra) for i in range(num_steps)]
+
+
+def random_split(num_steps, num_tokens, generator):
+    """Step sizes of one uniformly random composition of L into S parts."""
+    equal_split(num_steps, num_tokens)  # validates
+    steps = sample_step_ids(torch.tensor([num_steps]), num_tokens, generator)[0]
+    return torch.bincount(steps, minlength=num_steps).tolist()
+
+
+def token_order(n, height, width, kind, generator, block=2):
+    """AR order of the H*W image positions for n samples: (N, L) permutations of 0..L-1.
+
+    random: a new permutation per sample (the paper's default); raster: row by row; block_raster: blocks of
+    block x block tokens in raster order, raster inside each block (the paper's Table 3b ablation)."""
+    L = height * width
+    if kind == "random":
+        return torch.rand(n, L, generator=generator).argsort(1)
+    if kind == "raster":
+        order = torch.arange(L)
+    elif kind == "block_raster":
+        if height % block or width % block:
+            raise ValueError(f"block_raster needs a grid divisible by block={block}, got {height}x{width}")
+        grid = torch.arange(L).view(height // block, block, width // block, block)  # (Hb, b, Wb, b)
+        order = grid.permute(0, 2, 1, 3).reshape(L)  # (Hb, Wb, b, b) -> (L,)
+    else:
+        raise ValueError(f"token order must be random, raster or block_raster, got {kind!r}")
+    return order.expand(n, L).clone()
+
+
+def causal_mask(clean_steps, noisy_steps, num_cond):
+    """Generalized causal mask (True = may attend) for the sequence [cond | clean | noisy].
+
+    clean_steps (N, Lx), noisy_steps (N, L): the AR step of each clean and noisy token. With SPEC.md Sec. 2:
+    all tokens see cond; cond sees only cond; clean of step s sees clean of steps <= s; noisy of step s sees
+    clean of steps < s and noisy of step s. The authors' layout has only the clean tokens of steps 1..S-1;
+    the static training layout passes all L (those of the last step are then seen by no noisy token).
+    Example (paper Fig. 6), one cond token c, steps of sizes 2, 2, 3, clean tokens of the first two steps:
+
+           c 0 0 1 1 0 0 1 1 2 2 2      <- keys: cond, clean (step), noisy (step)
+        c  x . . . . . . . . . . .
+        0  x x x . . . . . . . . .
+        0  x x x . . . . . . . . .
+        1  x x x x x . . . . . . .
+        1  x x x x x . . . . . . .
+        0  x . . . . x x . . . . .
+        0  x . . . . x x . . . . .
+        1  x x x . . . . x x . . .
+        1  x x x . . . . x x . . .
+        2  x x x x x . . . . x x x
+        2  x x x x x . . . . x x x
+        2  x x x x x . . . . x x x
+    Returns (N, Lc + Lx + L, Lc + Lx + L) bool."""
+    n = noisy_steps.shape[0]
+    big = noisy_steps.new_full((n, num_cond), -1)
+    step = torch.cat([big, clean_steps, noisy_steps], 1)  # (N, T)
+    kind = torch.cat([torch.zeros(num_cond), torch.ones(clean_steps.shape[1]), torch.full((noisy_steps.shape[1],), 2)])
+    kind = kind.to(noisy_steps.device)
+    q_step, k_step = step[:, :, None], step[:, None, :]  # (N, T, 1), (N, 1, T)
+    q_kind, k_kind = kind[None, :, None], kind[None, None, :]  # (1, T, 1), (1, 1, T)
+    clean_key = (k_kind == 1) & (((q_kind == 1) & (k_step <= q_step)) | ((q_kind == 2) & (k_step < q_step)))
+    noisy_key = (k_kind == 2) & (q_kind == 2) & (k_step == q_step)
+    return (k_kind == 0) | clean_key | noisy_key  # (N, T, T)
+
+
+def ar_weights(step_ids, lam):
+    """Loss weight per token, lam at the first AR step decaying linearly towards 1 (SPEC.md Sec. 3):
+    w = lam - (lam - 1) * c_{s-1} / L, with c_{s-1} the number of tokens in the steps before s. (N, L)."""
+    n, L = step_ids.shape
+    position = torch.arange(L, device=step_ids.device).expand(n, L)
+    is_first = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=step_ids.device),
+                          step_ids[:, 1:] != step_ids[:, :-1]], 1)
+    step_start = torch.where(is_first, position, 0).cummax(1).values  # c_{s-1} for each token
+    return lam - (lam - 1) * step_start.float() / L
+
+
+def mask_to_ascii(m):
+    """Render a (T, T) bool mask, 'x' = may attend."""
+    return "\n".join("".join("x" if v else "." for v in row) for row in m.tolist())

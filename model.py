@@ -1,0 +1,253 @@
+"""The CausalFusion transformer (paper Sec. 3-4, App. B-C; SPEC.md Sec. 1).
+
+A decoder-only transformer over [cond tokens | clean tokens | noisy tokens]. Class tokens come first,
+clean tokens carry the finished AR steps, and noisy tokens (with the timestep embedding added) are
+denoised; the generalized causal mask (mask.py) keeps each AR step from seeing later ones. The model
+only predicts epsilon for the noisy tokens: noising, losses and samplers live in diffusion.py.
+
+Parameter names are the authors', so their checkpoints load with strict=True.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+SIZES = {  # name: (hidden size, depth, heads)
+    "T": (128, 4, 4),  # tiny: CPU tests and the demo
+    "S": (384, 12, 6),  # DiT-S
+    "B": (768, 12, 12),  # DiT-B
+    "L": (1024, 24, 16),  # paper: 368M with 64 cond tokens
+    "XL": (1280, 32, 20),  # paper: 676M
+    "H": (1408, 40, 22),  # paper: ~1B (its table says 40 layers; the authors' code uses 48)
+}
+
+
+def patchify(x, p):
+    """(N, C, H, W) latents -> (N, L, p*p*C) tokens, channels-last inside a token, row-major token order."""
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // p, p, w // p, p)  # (N, C, H/p, p, W/p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(n, (h // p) * (w // p), p * p * c)  # (N, L, p*p*C)
+
+
+def unpatchify(tokens, p, h, w):
+    """(N, L, p*p*C) tokens -> (N, C, H, W) latents; the inverse of patchify."""
+    n, _, dim = tokens.shape
+    c = dim // (p * p)
+    x = tokens.reshape(n, h // p, w // p, p, p, c)  # (N, H/p, W/p, p, p, C)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)  # (N, C, H, W)
+
+
+def sincos_pos_embed(dim, grid_size):
+    """Fixed 2-D sin-cos position embedding (1, grid*grid, dim): half the channels encode the column,
+    half the row, each as [sin, cos] over dim/4 frequencies (MAE/DiT)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (D/4,)
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def embed(pos):
+        angles = pos.reshape(-1, 1) * omega[None]  # (L, D/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (L, D/2)
+
+    return torch.cat([embed(cols), embed(rows)], dim=1).float()[None]  # (1, L, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t (dim 256, [cos, sin], max period 10000) -> MLP."""
+
+    def __init__(self, hidden_size, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = t[..., None].float() * freqs  # (..., 128)
+        return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))  # (..., D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> Lc cond tokens: a table of k = Lc / repeat unique tokens, repeated (App. B).
+    Row num_classes is the null class of classifier-free guidance."""
+
+    def __init__(self, num_classes, hidden_size, num_tokens, repeat):
+        super().__init__()
+        self.unique, self.repeat, self.hidden_size = num_tokens // repeat, repeat, hidden_size
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size * self.unique)
+
+    def forward(self, y):
+        tokens = self.embedding_table(y).view(y.shape[0], self.unique, self.hidden_size)  # (N, k, D)
+        return tokens.repeat(1, self.repeat, 1)  # (N, Lc, D)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with head-wise QK LayerNorm, through SDPA, optionally against a KV cache."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_norm = nn.LayerNorm(self.head_dim)  # eps 1e-5: timm's qk_norm default
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None, kv=None, kv_len=0):
+        n, length, dim = x.shape
+        qkv = self.qkv(x).view(n, length, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, hd)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if kv is not None:
+            # write this call's keys after the cached ones; only KVCache.advance makes them permanent
+            k_cache, v_cache = kv  # (N, H, M, hd)
+            k_cache[:, :, kv_len:kv_len + length] = k
+            v_cache[:, :, kv_len:kv_len + length] = v
+            k = k_cache[:, :, :kv_len + length].to(q.dtype)
+            v = v_cache[:, :, :kv_len + length].to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, T, hd)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))  # (N, T, D)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block (no AdaLN: conditioning is in-context)."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, attn_mask=None, kv=None, kv_len=0):
+        x = x + self.attn(self.norm1(x), attn_mask, kv, kv_len)
+        return x + self.mlp(self.norm2(x))
+
+
+class KVCache:
+    """Preallocated per-layer keys and values: cond tokens, then the clean tokens of each finished AR step."""
+
+    def __init__(self, num_layers, batch, num_heads, max_len, head_dim, dtype, device):
+        shape = (batch, num_heads, max_len, head_dim)
+        self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
+                       for _ in range(num_layers)]
+        self.length, self.max_len = 0, max_len
+
+    def check_room(self, n):
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length} + {n} do not fit")
+
+
+class CausalFusion(nn.Module):
+    def __init__(self, size=None, hidden_size=None, depth=None, num_heads=None, input_size=32, patch_size=2,
+                 in_channels=4, num_classes=1000, num_cond_tokens=4, cond_repeat=1, learn_pos=False, mlp_ratio=4.0):
+        super().__init__()
+        if size is not None:
+            if size not in SIZES:
+                raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+            hidden_size, depth, num_heads = SIZES[size]
+        if input_size % patch_size or num_cond_tokens % cond_repeat or hidden_size % num_heads:
+            raise ValueError(f"need input_size % patch_size == 0 ({input_size}, {patch_size}), num_cond_tokens % "
+                             f"cond_repeat == 0 ({num_cond_tokens}, {cond_repeat}), hidden_size % num_heads == 0")
+        self.config = dict(hidden_size=hidden_size, depth=depth, num_heads=num_heads, input_size=input_size,
+                           patch_size=patch_size, in_channels=in_channels, num_classes=num_classes,
+                           num_cond_tokens=num_cond_tokens, cond_repeat=cond_repeat, learn_pos=learn_pos,
+                           mlp_ratio=mlp_ratio)
+        self.patch_size, self.in_channels, self.input_size = patch_size, in_channels, input_size
+        self.num_classes, self.num_cond_tokens, self.num_heads = num_classes, num_cond_tokens, num_heads
+        self.grid_size = input_size // patch_size
+        self.num_tokens = self.grid_size ** 2
+        self.token_dim = patch_size * patch_size * in_channels
+        self.grad_checkpointing = False
+
+        self.x_proj = nn.Linear(self.token_dim, hidden_size)  # shared by clean and noisy tokens
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, num_cond_tokens, cond_repeat)
+        self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid_size), requires_grad=learn_pos)
+        self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_layer = nn.Sequential(nn.LayerNorm(hidden_size, eps=1e-6), nn.Linear(hidden_size, self.token_dim))
+        self.initialize_weights()
+
+    @property
+    def null_class(self):
+        """The label of the unconditional (CFG) class: the extra row of the label table."""
+        return self.num_classes
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.cond_pos_embed, std=0.02)
+        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(self.final_layer[1].weight)  # predict zero noise at the start
+        nn.init.zeros_(self.final_layer[1].bias)
+
+    def embed_cond(self, y):
+        return self.y_embedder(y) + self.cond_pos_embed  # (N, Lc, D)
+
+    def embed_tokens(self, tokens, pos, t=None):
+        """Image tokens (N, k, P) at image positions pos (N, k), plus the timestep embedding for noisy ones."""
+        h = self.x_proj(tokens) + self.pos_embed[0][pos]  # (N, k, D)
+        if t is not None:
+            temb = self.t_embedder(t)  # (N, D) shared t, or (N, k, D) one t per token
+            h = h + (temb[:, None] if temb.dim() == 2 else temb)
+        return h
+
+    def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None):
+        """Training forward over [cond | clean | noisy]; returns eps predictions for the noisy tokens.
+
+        clean (N, Lx, P) and noisy (N, L, P) are in AR order; pos (N, L) is the image position of each noisy
+        token and clean_pos (default pos[:, :Lx]) that of each clean one; t is (N,) or (N, L); y (N,);
+        attn_mask (N, T, T) bool from mask.causal_mask, True = may attend."""
+        clean_pos = pos[:, :clean.shape[1]] if clean_pos is None else clean_pos
+        h = torch.cat([self.embed_cond(y), self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t)], 1)
+        attn_mask = attn_mask[:, None]  # (N, 1, T, T): one mask for all heads
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training:
+                h = checkpoint(block, h, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, attn_mask)
+        return self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
+
+    # ---- inference through a KV cache (sample.py) ----
+    def new_cache(self, batch, max_len=None, dtype=None, device=None):
+        param = self.x_proj.weight
+        return KVCache(len(self.blocks), batch, self.num_heads, max_len or self.num_cond_tokens + self.num_tokens,
+                       self.x_proj.out_features // self.num_heads, dtype or param.dtype, device or param.device)
+
+    def _run_cached(self, h, cache, keep):
+        cache.check_room(h.shape[1])
+        for block, kv in zip(self.blocks, cache.layers):
+            h = block(h, kv=kv, kv_len=cache.length)
+        if keep:
+            cache.length += h.shape[1]
+        return h
+
+    def prefill(self, cache, y):
+        """Put the cond tokens of labels y (N,) into an empty cache."""
+        if cache.length:
+            raise ValueError("prefill needs an empty cache")
+        self._run_cached(self.embed_cond(y), cache, keep=True)
+
+    def extend(self, cache, clean, pos):
+        """Append the clean tokens (N, k, P) of a finished AR step at image positions pos (N, k)."""
+        self._run_cached(self.embed_tokens(clean, pos), cache, keep=True)
+
+    def denoise(self, cache, noisy, t, pos):
+        """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,), seeing the
+        cache and each other (the current AR step); the cache is left as it was."""
+        return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t), cache, keep=False))

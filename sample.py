@@ -1,5 +1,9 @@
 """Sampling from a CausalFusion model: diffusion mode (1 AR step) and AR mode (S steps) through a KV cache."""
+import numpy as np
 import torch
+from PIL import Image
+
+from model import unpatchify
 
 
 @torch.no_grad()
@@ -33,3 +37,23 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
         out.scatter_(1, pos[..., None].expand_as(x), x.float())
         start += size
     return out
+
+
+@torch.no_grad()
+def tokens_to_images(tokens, model, vae, scale_factor):
+    """Generated tokens (N, L, P) in image order -> uint8 images (N, H, W, 3) through the VAE decoder."""
+    size = model.input_size
+    latents = unpatchify(tokens.float(), model.patch_size, size, size)  # (N, C, h, w), scaled
+    pixels = vae.decode(latents / scale_factor)  # (N, 3, H, W) in [-1, 1]
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, ncol, pad=2):
+    """uint8 images (N, H, W, 3) -> one PNG, ncol per row, white padding."""
+    n, h, w, _ = images.shape
+    nrow = -(-n // ncol)
+    grid = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = image
+    Image.fromarray(grid).save(path)

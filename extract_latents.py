@@ -1,0 +1,344 @@
+"""Encode an ImageFolder tree once into VAE posterior moments; training then reads latents, not JPEGs.
+
+    python extract_latents.py --data-path DIR --vae mar --vae-ckpt kl16.ckpt --image-size 256 --out latents/in256_mar
+    torchrun --nproc_per_node 8 extract_latents.py ...same options...     # many GPUs: one shard set per rank
+    python extract_latents.py --data-path DIR --vae none --image-size 32 --out latents/tiny   # pixels, CPU
+
+DIR/<class>/<image>: classes sorted by folder name give the labels 0..K-1. Each image gets the ADM centre
+crop, then the moments of it and of its horizontal flip are stored; training (LatentData below) picks a flip
+and samples z = mean + exp(logvar / 2) * eps per example, as fast-DiT and MAR do.
+
+Output directory:
+  plan.json         the options and the file list's hash: a re-run with the same options resumes, others refuse
+  shard_00000.npy   float16 (n, 2, K, C, h, w): n images, [as is, flipped], K = 2 [mean, logvar] (K = 1 for
+                    --vae none: the pixels in [-1, 1]); unscaled; fp16 halves the disk of fp32 and is precise
+                    enough for moments of this range
+  shard_00000.json  that shard's labels and skipped files; written after its .npy: it marks the shard done
+  labels.npy        int64 (N,), in shard order
+  meta.json         vae, scale_factor, image_size, latent_shape, count, skipped, class names, shard list;
+                    written last, so its presence means the extraction is complete
+"""
+import hashlib
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from config import parse_config
+from vae import build_vae
+
+config = dict(
+    data_path="",  # ImageFolder root: DIR/<class>/<image>
+    out="",  # output directory (created; a re-run with the same options resumes an interrupted extraction)
+    vae="none",  # "sd" (SD VAE, 8x, 4 channels), "mar" (MAR KL-16, 16x, 16 channels) or "none" (pixels)
+    vae_ckpt=None,  # VAE weights (see vae.py; "random" = random weights, for tests and speed measurements)
+    image_size=256,  # ADM centre crop to this size (a multiple of the VAE's downsampling)
+    batch_size=32,  # images per forward pass (each is encoded twice: as is and flipped)
+    shard_size=10000,  # images per shard file (the unit of resuming; each process holds one shard in RAM)
+    num_workers=4,  # image-decoding processes (0 = decode in the main process)
+    precision="fp32",  # "fp32" or "bf16" (autocast for the VAE; for GPUs: most CPUs run bf16 convolutions slowly)
+    device="auto",  # "auto": cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu
+    overwrite=False,  # replace a different extraction found in --out (never files it did not write)
+)
+
+FORMAT = "nanocausalfusion-latents-v1"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ExtractionError(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------------------------------ images
+def list_images(root):
+    """ImageFolder listing: (paths, labels, class_names) with classes sorted by name and files sorted."""
+    if not os.path.isdir(root):
+        raise ExtractionError(f"--data-path {root!r}: not a directory")
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ExtractionError(f"--data-path {root}: no class folders (expected {root}/<class>/<image>)")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(os.path.join(d, f) for d, _, files in os.walk(os.path.join(root, name), followlinks=True)
+                       for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not found:
+            raise ExtractionError(f"--data-path {root}: class folder {name!r} holds no images ({IMAGE_EXTENSIONS})")
+        paths += found
+        labels += [label] * len(found)
+    return paths, labels, classes
+
+
+def center_crop(img, size):
+    """ADM's centre crop: halve with BOX while the short side >= 2 * size, resize the short side to size
+    with BICUBIC, crop the centre."""
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """(uint8 (3, S, S) pixels, error message or "") per file; a bad file gives zeros and its error."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as img:
+                img = center_crop(img.convert("RGB"), self.size)  # convert() decodes: bad data raises here
+            return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), ""  # (3, S, S)
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for broken files
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), f"{type(e).__name__}: {e}"
+
+
+# ------------------------------------------------------------------------------------- output files
+def _write_atomic(path, write):
+    """Write through a temporary name then os.replace, so `path` is never seen half-written."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _write_json(path, obj):
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
+
+
+def _shard_name(k):
+    return f"shard_{k:05d}"
+
+
+def _our_files(out):
+    return [f for f in os.listdir(out) if f.startswith("shard_") or f.split(".")[0] in ("plan", "meta", "labels")]
+
+
+def _check_out(out, plan, overwrite):
+    """What to do with `out`: "new", "resume" or "overwrite"; an error for a foreign or different directory."""
+    if not os.path.exists(os.path.join(out, "plan.json")):
+        if os.path.isdir(out) and os.listdir(out):
+            raise ExtractionError(f"--out {out}: not empty and not an extraction (no plan.json); choose a new folder")
+        return "new"
+    with open(os.path.join(out, "plan.json")) as f:
+        old = json.load(f)
+    if old == plan:
+        return "resume"
+    if not overwrite:
+        diff = {k: (old.get(k), plan.get(k)) for k in sorted(set(old) | set(plan)) if old.get(k) != plan.get(k)}
+        raise ExtractionError(f"--out {out} holds a different extraction; (was, now): {diff}. "
+                              f"Use another --out, or --overwrite to replace it.")
+    return "overwrite"
+
+
+def _finalize(out, plan, num_shards, latent_shape, k_moments):
+    """Rank 0, after every shard is written: labels.npy and meta.json (last)."""
+    shards, labels, skipped = [], [], []
+    for k in range(num_shards):
+        with open(os.path.join(out, _shard_name(k) + ".json")) as f:
+            info = json.load(f)
+        shards.append({"file": _shard_name(k) + ".npy", "count": len(info["labels"])})
+        labels += info["labels"]
+        skipped += info["skipped"]
+    if not labels:
+        raise ExtractionError(f"--data-path {plan['data_path']}: none of the {plan['num_files']} images could be read")
+    _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, np.array(labels, dtype=np.int64)))
+    meta = {"format": FORMAT, "vae": plan["vae"], "vae_ckpt": plan["vae_ckpt"],
+            "scale_factor": plan["scale_factor"], "image_size": plan["image_size"], "latent_shape": latent_shape,
+            "count": len(labels), "skipped": len(skipped), "skipped_files": skipped,
+            "num_classes": len(plan["class_names"]), "class_names": plan["class_names"],
+            "layout": "(n, [as is, flipped], [mean, logvar] or [pixels], C, h, w), unscaled", "dtype": "float16",
+            "moments": k_moments, "precision": plan["precision"], "data_path": plan["data_path"], "shards": shards}
+    _write_json(os.path.join(out, "meta.json"), meta)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------- extract
+def _dist_setup(device):
+    """(rank, world_size, device, owns_group): torchrun is detected through its environment variables."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world, owns = dist.get_rank(), dist.get_world_size(), False
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world, owns = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), True
+    else:
+        rank, world, owns = 0, 1, False
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device, owns
+
+
+def _barrier(world):
+    if world > 1:
+        dist.barrier()
+
+
+def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_size=32, shard_size=10000,
+            num_workers=4, precision="fp32", device="auto", overwrite=False):
+    """Extract the moments of every image of `data_path` (and of its flip) into `out`; returns meta.json's
+    dict plus "seconds" and "images_per_s" of this run. Under torchrun every rank calls it: rank r encodes
+    shards r, r + world, ... of those still to do, and rank 0 writes labels and metadata once all are done."""
+    if precision not in ("fp32", "bf16"):
+        raise ExtractionError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    rank, world, device, owns_group = _dist_setup(device)
+    try:
+        model = build_vae(vae, vae_ckpt, device=device)
+        if image_size % model.downsample:
+            raise ExtractionError(f"--image-size {image_size}: must be a multiple of {model.downsample} "
+                                  f"for --vae {vae}")
+        paths, labels, class_names = list_images(data_path)
+        root = os.path.abspath(data_path)
+        plan = {"format": FORMAT, "vae": vae, "scale_factor": model.scale_factor,
+                "vae_ckpt": vae_ckpt if vae_ckpt in (None, "random") else os.path.abspath(vae_ckpt),
+                "image_size": image_size, "precision": precision, "shard_size": shard_size,
+                "data_path": root, "num_files": len(paths), "class_names": class_names,
+                "files_sha1": hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode()).hexdigest()}
+        action = _check_out(out, plan, overwrite)  # every rank checks, so every rank raises alike
+        _barrier(world)
+        if rank == 0:
+            os.makedirs(out, exist_ok=True)
+            if action == "overwrite":
+                for f in _our_files(out):
+                    os.remove(os.path.join(out, f))
+            if action != "resume":
+                _write_json(os.path.join(out, "plan.json"), plan)
+        _barrier(world)
+
+        num_shards = math.ceil(len(paths) / shard_size)
+        bounds = lambda k: (k * shard_size, min((k + 1) * shard_size, len(paths)))  # shard k: files [begin, end)
+        todo = [k for k in range(num_shards) if not os.path.exists(os.path.join(out, _shard_name(k) + ".json"))]
+        mine = todo[rank::world]  # round robin over what is left, so a resumed run stays balanced
+        if rank == 0 and len(todo) < num_shards:
+            print(f"{out}: resuming, {num_shards - len(todo)} of {num_shards} shards already done")
+        batches = [(k, list(range(i, min(i + batch_size, bounds(k)[1]))))  # batches never cross a shard's end
+                   for k in mine for i in range(*bounds(k), batch_size)]
+        loader = torch.utils.data.DataLoader(ImageFiles(paths, image_size), batch_sampler=[b for _, b in batches],
+                                             num_workers=num_workers, pin_memory=device.type == "cuda")
+        h = image_size // model.downsample
+        latent_shape, k_moments = [model.latent_channels, h, h], 1 if vae == "none" else 2
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        bar = tqdm(total=sum(len(b) for _, b in batches), unit="img", disable=rank != 0, dynamic_ncols=True)
+        start, shard = time.time(), None
+        for (k, indices), (pixels, errors) in zip(batches, loader):
+            if shard is None or shard["k"] != k:
+                begin, end = bounds(k)
+                shard = {"k": k, "end": end, "labels": [], "skipped": [],
+                         "moments": np.empty((end - begin, 2, k_moments, *latent_shape), dtype=np.float16)}
+            ok = torch.tensor([not e for e in errors])
+            for i, e in zip(indices, errors):
+                if e:
+                    tqdm.write(f"skipping unreadable image {paths[i]} ({e})")
+                    shard["skipped"].append(paths[i])
+            if ok.any():
+                x = pixels[ok].to(device).float() / 127.5 - 1  # (B, 3, S, S) in [-1, 1]
+                x = torch.cat([x, x.flip(3)])  # (2B, 3, S, S): as is, then flipped
+                with torch.no_grad(), autocast:
+                    mean, logvar = model.encode_moments(x)
+                m = mean[:, None] if logvar is None else torch.stack([mean, logvar], 1)  # (2B, K, C, h, w)
+                m = m.half().reshape(2, -1, *m.shape[1:]).transpose(0, 1)  # (B, 2, K, C, h, w)
+                n_done = len(shard["labels"])
+                shard["moments"][n_done:n_done + len(m)] = m.cpu().numpy()
+                shard["labels"] += [labels[i] for i, e in zip(indices, errors) if not e]
+            bar.update(len(indices))
+            if indices[-1] == shard["end"] - 1:  # the shard's last batch: write it, data first, marker last
+                name = os.path.join(out, _shard_name(k))
+                moments = shard["moments"][:len(shard["labels"])]
+                _write_atomic(name + ".npy", lambda f: np.save(f, moments))
+                _write_json(name + ".json", {"labels": shard["labels"], "skipped": shard["skipped"]})
+        bar.close()
+        _barrier(world)
+        meta = _finalize(out, plan, num_shards, latent_shape, k_moments) if rank == 0 else None
+        _barrier(world)  # no rank returns before meta.json exists
+        if meta is None:
+            with open(os.path.join(out, "meta.json")) as f:
+                meta = json.load(f)
+        seconds = time.time() - start
+        encoded = sum(bounds(k)[1] - bounds(k)[0] for k in todo)
+        if rank == 0:
+            print(f"{out}: {meta['count']} images of {meta['num_classes']} classes, {meta['skipped']} skipped, "
+                  f"latents {tuple(latent_shape)} x 2 flips; this run: {encoded} images in {seconds:.1f}s "
+                  f"({encoded / max(seconds, 1e-9):.3g} images/s, {world} process(es) on {device.type})")
+        return {**meta, "seconds": seconds, "images_per_s": encoded / max(seconds, 1e-9)}
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------- training reads
+class LatentData:
+    """An extraction opened for training: shards are memory-mapped, so ImageNet-size data stays on disk.
+
+    batch(indices, generator) -> (latents (B, C, h, w) float32 ALREADY times scale_factor, labels (B,)):
+    per example a random flip and a posterior sample z = mean + exp(logvar / 2) * eps (pixels as is for
+    --vae none); all randomness from `generator`.
+    """
+
+    def __init__(self, path):
+        meta_path = os.path.join(path, "meta.json")
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"latent data {path!r}: no such directory (make it with extract_latents.py)")
+        if not os.path.exists(meta_path):
+            why = ("an unfinished extraction: re-run extract_latents.py with the same options to finish it"
+                   if os.path.exists(os.path.join(path, "plan.json")) else "not an extraction of extract_latents.py")
+            raise ValueError(f"latent data {path}: no meta.json ({why})")
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"latent data {meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.vae, self.scale_factor = self.meta["vae"], self.meta["scale_factor"]
+        self.latent_shape = tuple(self.meta["latent_shape"])  # (C, h, w)
+        self.class_names, self.num_classes = self.meta["class_names"], self.meta["num_classes"]
+        self.shards = [np.load(os.path.join(path, s["file"]), mmap_mode="r") for s in self.meta["shards"]]
+        self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # shard k holds [offsets[k], offsets[k+1])
+        self.labels = torch.from_numpy(np.load(os.path.join(path, "labels.npy"))).long()  # (N,)
+        if len(self.labels) != self.offsets[-1] or self.offsets[-1] != self.meta["count"]:
+            raise ValueError(f"latent data {path}: {len(self.labels)} labels, {self.offsets[-1]} latents in the "
+                             f"shards and a count of {self.meta['count']} in meta.json; they should be equal")
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, indices, generator):
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # (B,)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"LatentData.batch: indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
+        flip = torch.randint(0, 2, (len(idx),), generator=generator).numpy()
+        idx_np = idx.numpy()
+        shard = np.searchsorted(self.offsets, idx_np, side="right") - 1
+        moments = np.empty((len(idx), *self.shards[0].shape[2:]), dtype=np.float16)  # (B, K, C, h, w)
+        for k in np.unique(shard):
+            pos = np.nonzero(shard == k)[0]
+            pos = pos[np.argsort(idx_np[pos], kind="stable")]  # ascending reads from the memory map
+            moments[pos] = self.shards[k][idx_np[pos] - self.offsets[k], flip[pos]]
+        m = torch.from_numpy(moments).float()
+        if self.vae == "none":
+            z = m[:, 0]
+        else:
+            eps = torch.randn((len(idx), *self.latent_shape), generator=generator)  # (B, C, h, w)
+            z = m[:, 0] + torch.exp(0.5 * m[:, 1]) * eps
+        return z * self.scale_factor, self.labels[idx]
+
+
+def main():
+    parse_config(config)
+    if not config["data_path"] or not config["out"]:
+        raise ExtractionError("--data-path and --out are required (see the top of extract_latents.py)")
+    extract(**config)
+
+
+if __name__ == "__main__":
+    main()

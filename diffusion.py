@@ -53,10 +53,10 @@ class Diffusion:
     @staticmethod
     def guide(eps, t, cfg_scale, cfg_interval):
         """Classifier-free guidance of a doubled batch [cond; uncond] -> (N, ...): eps_u + s (eps_c - eps_u)
-        inside the interval lo <= t <= hi of the full schedule, the conditional prediction outside it."""
+        inside the interval lo <= t < hi of the full schedule (as the authors' code), the conditional one outside."""
         eps_c, eps_u = eps.chunk(2)
         lo, hi = cfg_interval
-        if cfg_scale == 1 or not lo <= t <= hi:
+        if cfg_scale == 1 or not lo <= t < hi:
             return eps_c
         return eps_u + cfg_scale * (eps_c - eps_u)
 

@@ -89,7 +89,7 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = nn.LayerNorm(self.head_dim)  # eps 1e-5: timm's qk_norm default
+        self.q_norm = nn.LayerNorm(self.head_dim)
         self.k_norm = nn.LayerNorm(self.head_dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -123,9 +123,9 @@ class Block(nn.Module):
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim)  # eps 1e-5 everywhere, as in the authors' code
         self.attn = Attention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x, attn_mask=None, kv=None, kv_len=0):
@@ -175,7 +175,7 @@ class CausalFusion(nn.Module):
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid_size), requires_grad=learn_pos)
         self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
-        self.final_layer = nn.Sequential(nn.LayerNorm(hidden_size, eps=1e-6), nn.Linear(hidden_size, self.token_dim))
+        self.final_layer = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, self.token_dim))
         self.initialize_weights()
 
     @property

@@ -1,7 +1,6 @@
 """Tests of sample.py: determinism, AR mode against a sampler without the KV cache, an overfit tiny model's AR
 samples, zero-shot editing, both checkpoint layouts, the FID npz and torchrun. Run by test_all.py."""
 import argparse
-import functools
 import os
 import subprocess
 import sys
@@ -20,20 +19,6 @@ from vae import build_vae
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TMP = tempfile.TemporaryDirectory()  # checkpoints shared by the tests of one run
-
-
-def one_thread(test):
-    """Run a test on one intra-op thread: a tiny model's ops gain nothing from more, and on a busy 2-core machine
-    the threads' synchronization made these tests 10x slower."""
-    @functools.wraps(test)
-    def run():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            test()
-        finally:
-            torch.set_num_threads(threads)
-    return run
 
 
 def templates():
@@ -138,7 +123,6 @@ def run_cli(*args, torchrun=False):
 
 
 # ------------------------------------------------------------------------------------------------ tests
-@one_thread
 def test_same_seed_same_samples():
     model, _ = random_model()
     vae, kw = build_vae("none"), dict(ar_steps=3, split="random", steps=10, batch_size=3)
@@ -154,7 +138,6 @@ def test_same_seed_same_samples():
     assert np.array_equal(np.concatenate([s[0] for s in shares])[order], a[0])
 
 
-@one_thread
 def test_ar_mode_one_step_is_diffusion_mode():
     model, _ = random_model()
     labels, diffusion = torch.tensor([0, 3, 1]), Diffusion(20)
@@ -169,7 +152,6 @@ def test_ar_mode_one_step_is_diffusion_mode():
     assert_close(got, reference_tokens(model, labels, 11, 20, cfg_scale=2.0, cfg_interval=(0, 600)))
 
 
-@one_thread
 def test_ar_mode_matches_full_recompute():
     # the KV cache (class tokens once, each step's clean tokens once) gives what recomputing everything gives:
     # token by token (S = L), and a random split in raster order with CFG
@@ -180,7 +162,6 @@ def test_ar_mode_matches_full_recompute():
         assert_close(got, reference_tokens(model, labels, 4, 8, **kw))
 
 
-@one_thread
 def test_overfit_model_ar_modes_are_class_consistent():
     model, _ = overfit_model()
     vae = build_vae("none")
@@ -191,7 +172,6 @@ def test_overfit_model_ar_modes_are_class_consistent():
         assert (nearest_template(images) == labels).mean() >= 0.75, (S, nearest_template(images), labels)
 
 
-@one_thread
 def test_edit_keeps_tokens_bit_identical():
     model, path = overfit_model()
     originals = sample.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
@@ -226,7 +206,6 @@ def test_edit_keeps_tokens_bit_identical():
     assert os.path.exists(os.path.join(out_dir, "edit_inner.png"))
 
 
-@one_thread
 def test_authors_checkpoint_samples():
     g = torch.Generator().manual_seed(0)
     sd = _authors_state_dict(depth=2, hidden=64, heads=4, patch=1, channels=16, grid=4, num_cond=4, num_classes=10,
@@ -251,7 +230,6 @@ def test_authors_checkpoint_samples():
     assert config == xl.config and meta["image_size"] == 256 and meta["latent_shape"] == [16, 16, 16]
 
 
-@one_thread
 def test_clear_errors():
     model, path = random_model()
     base = ["--ckpt", path, "--steps", "2", "--num-samples", "1", "--out-dir", os.path.join(TMP.name, "errors")]
@@ -276,7 +254,6 @@ def test_clear_errors():
         assert bad in str(e) and "y_embedder.embedding_table.weight: checkpoint (5, 512), config (8, 512)" in str(e)
 
 
-@one_thread
 def test_npz_and_torchrun_match():
     # the command-line contract; ADM's npz; 2 processes (gloo) give the 1-process file exactly
     _, path = random_model()

@@ -1,6 +1,5 @@
 """Tests of vae.py (checkpoint layouts, shapes) and extract_latents.py (extraction, resuming, bad input)."""
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -18,19 +17,6 @@ from extract_latents import ExtractionError, LatentData, center_crop, extract
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a small KL autoencoder: 3 levels of different widths (so a reversed decoder fails), attention in both halves
 TINY = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, enc_attn_levels=(2,), dec_attn_levels=(0,))
-
-
-def single_threaded(test):
-    """Small convolutions gain nothing from threads, and OpenMP threads stall badly on a busy CPU."""
-    @functools.wraps(test)
-    def run():
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            test()
-        finally:
-            torch.set_num_threads(threads)
-    return run
 
 
 # ------------------------------------------------------------------------------------------ vae.py
@@ -188,7 +174,6 @@ def test_vae_safetensors_reader_roundtrip():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
 
 
-@single_threaded
 def test_vae_every_checkpoint_layout_loads_the_same_model():
     g = torch.Generator().manual_seed(1)
     ldm = _random_weights(_layout(TINY), g)
@@ -221,7 +206,6 @@ def test_vae_every_checkpoint_layout_loads_the_same_model():
     assert ref[0].shape == (2, 4, 4, 4) and ref[2].shape == (2, 3, 16, 16)
 
 
-@single_threaded
 def test_vae_loading_is_strict():
     g = torch.Generator().manual_seed(2)
     ldm = _random_weights(_layout(TINY), g)
@@ -323,7 +307,6 @@ def test_extract_adm_center_crop():
     assert center_crop(_draw((16, 40), 2), 16).size == (16, 16)
 
 
-@single_threaded
 def test_extract_pixels_labels_flip_skipped_and_batches():
     with tempfile.TemporaryDirectory() as tmp:
         root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
@@ -358,7 +341,6 @@ def test_extract_pixels_labels_flip_skipped_and_batches():
         assert picks == {0, 1}
 
 
-@single_threaded
 def test_extract_random_mar_vae_moments_and_sampling():
     with tempfile.TemporaryDirectory() as tmp:
         root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
@@ -385,7 +367,6 @@ def test_extract_random_mar_vae_moments_and_sampling():
         assert y.tolist() == [labels[4], labels[1], labels[2]]
 
 
-@single_threaded
 def test_extract_resume_guard_and_bad_input():
     with tempfile.TemporaryDirectory() as tmp:
         root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")

@@ -1,0 +1,179 @@
+"""Speed of training and sampling, the fast path against a plain reference path, in one run.
+
+    python bench.py                                  # CPU: size T on 16x16x3 pixels (the demo's shape)
+    python bench.py --device cuda --size L --input-size 32 --in-channels 4 --batch-size 32 --compile
+    python bench.py --device cuda --what sample --size XL --input-size 16 --in-channels 16 --patch-size 1 \
+        --num-cond-tokens 64 --steps 250 --sample-scales 1.5 --ar-steps 1 4 16
+
+Training: one optimizer step (forward, backward, clip, AdamW, EMA) on fixed inputs, timed for the fast path
+(SDPA's fused kernels, and torch.compile with --compile) and for the reference path (the same model with
+SDPA's math backend, no compile). Sampling: images/s of diffusion mode and AR mode at S = 4, 16, 64 and L
+through the KV cache, same samples and DDPM steps, with and without CFG. Medians over --repeats after a
+warm-up; CUDA is synchronized before every clock read.
+"""
+import contextlib
+import copy
+import json
+import statistics
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import mask
+from config import parse_config
+from diffusion import Diffusion
+from model import CausalFusion
+from sample import sample_batch
+from train import ema_update
+
+config = dict(
+    what="train,sample",  # which benchmarks: train, sample, or both
+    device="cpu",  # cpu or cuda
+    size="T",  # model size (model.py SIZES)
+    input_size=16,  # latent side (16 = the demo's 16x16 pixels; 32 = SD latents of 256x256 images)
+    in_channels=3,  # latent channels (3 pixels, 4 SD, 16 MAR)
+    patch_size=2,  # latent pixels per token side
+    num_cond_tokens=4,  # class tokens
+    batch_size=64,  # training batch and sampling batch
+    dtype="",  # bf16 or fp32 autocast; "" = bf16 on cuda, fp32 on cpu
+    compile=False,  # torch.compile the fast path's training model
+    repeats=5,  # timed repeats (the median is reported)
+    warmup=2,  # untimed repeats first
+    steps=25,  # DDPM steps of the sampling benchmark (paper: 250)
+    ar_steps=(1, 4, 16, 64, 0),  # AR steps S to sample with (0 = L, token by token)
+    sample_scales=(1.0, 1.5),  # CFG scales of the sampling runs (1 = no guidance, one batch; > 1 a doubled one)
+    peak_tflops=0.0,  # device bf16 peak for MFU; 0 = from the GPU's name (H100 SXM 989, PCIe 756, A100 312)
+    seed=0,  # inputs and sampling seed
+)
+
+
+def timed(fn, repeats, warmup, device):
+    """Median seconds of fn() over repeats, after warmup calls."""
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def training_flops(model, attn_mask):
+    """Model FLOPs of one training step (3x forward): every matmul, and attention over the allowed pairs only."""
+    D, depth = model.x_proj.out_features, len(model.blocks)
+    n, T, _ = attn_mask.shape
+    L = model.num_tokens
+    matmul = 2 * n * (T * depth * 12 * D * D + 2 * L * model.token_dim * D + L * D * model.token_dim)
+    attention = 4 * D * depth * attn_mask.sum().item()
+    return 3 * (matmul + attention)
+
+
+def peak_flops(cfg, device):
+    if cfg["peak_tflops"]:
+        return cfg["peak_tflops"] * 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, tflops in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)):
+        if key in name:
+            return tflops * 1e12
+    return 0.0
+
+
+def bench_train(cfg, device, autocast):
+    torch.manual_seed(cfg["seed"])
+    model = CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
+                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(cfg["seed"])
+    n, L, diffusion = cfg["batch_size"], model.num_tokens, Diffusion()
+    order = mask.token_order(n, model.grid_size, model.grid_size, "random", g)
+    steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
+    inputs = dict(x0=torch.randn(n, L, model.token_dim, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
+                  noise=torch.randn(n, L, model.token_dim, generator=g), weights=mask.ar_weights(steps, 2.0),
+                  y=torch.randint(0, model.num_classes, (n,), generator=g), pos=order,
+                  attn_mask=mask.causal_mask(steps, steps, model.num_cond_tokens))
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    flops = training_flops(model, inputs["attn_mask"])
+    results = {}
+    for path in ("reference", "fast"):
+        train_model = torch.compile(model) if path == "fast" and cfg["compile"] else model
+        kernels = (lambda: sdpa_kernel([SDPBackend.MATH])) if path == "reference" else contextlib.nullcontext
+
+        def step():
+            with kernels(), autocast:
+                loss = diffusion.training_loss(train_model, **inputs)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(ema, model, 0.9999)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = timed(step, cfg["repeats"], cfg["warmup"], device)
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        results[path] = dict(steps_per_s=1 / seconds, images_per_s=n / seconds, tokens_per_s=n * L / seconds,
+                             peak_mem_gib=peak, tflops=flops / seconds / 1e12)
+        if peak_flops(cfg, device):
+            results[path]["mfu"] = flops / seconds / peak_flops(cfg, device)
+    return results
+
+
+def bench_sample(cfg, device, dtype):
+    torch.manual_seed(cfg["seed"])
+    model = CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
+                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device).eval()
+    diffusion, n, L = Diffusion(cfg["steps"]), cfg["batch_size"], model.num_tokens
+    labels = torch.arange(n) % model.num_classes
+    results = {}
+    for scale in cfg["sample_scales"]:
+        for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
+            run = lambda d: sample_batch(model, d, labels, cfg["seed"], ar_steps=s, cfg_scale=scale, dtype=dtype)
+            run(Diffusion(2))  # warm-up: the same calls, two DDPM steps
+            results[(scale, s)] = timed(lambda: run(diffusion), max(1, cfg["repeats"] // 2), 0, device)
+    rows, first = {}, min(s for _, s in results)  # S = 1 unless --ar-steps leaves it out
+    for (scale, s), seconds in results.items():
+        rows[f"cfg {scale:g} S={s}"] = dict(images_per_s=n / seconds, seconds=seconds,
+                                            vs_S1=seconds / results[(scale, first)])
+    return rows
+
+
+def main(argv=None):
+    cfg = dict(config)
+    parse_config(cfg, argv)
+    device = torch.device(cfg["device"])
+    dtype = cfg["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"bench.py on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: {json.dumps(cfg)}")
+    report = {}
+    if "train" in cfg["what"]:
+        report["train"] = bench_train(cfg, device, autocast)
+    if "sample" in cfg["what"]:
+        report["sample"] = bench_sample(cfg, device, dtype)
+    if "train" in report:
+        ref, fast = report["train"]["reference"], report["train"]["fast"]
+        print(f"\ntraining, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}:")
+        print(f"{'path':10s} {'steps/s':>9s} {'img/s':>9s} {'tok/s':>10s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>9s}")
+        for path, r in report["train"].items():
+            print(f"{path:10s} {r['steps_per_s']:9.3f} {r['images_per_s']:9.1f} {r['tokens_per_s']:10.0f} "
+                  f"{r['tflops']:8.2f} {r.get('mfu', float('nan')):6.1%} {r['peak_mem_gib']:9.2f}")
+        print(f"fast / reference: {fast['steps_per_s'] / ref['steps_per_s']:.2f}x")
+    if "sample" in report:
+        print(f"\nsampling, size {cfg['size']}, batch {cfg['batch_size']}, {cfg['steps']} DDPM steps, {dtype}:")
+        print(f"{'run':16s} {'img/s':>9s} {'seconds':>9s} {'vs S=1':>7s}")
+        for run, r in report["sample"].items():
+            print(f"{run:16s} {r['images_per_s']:9.2f} {r['seconds']:9.2f} {r['vs_S1']:6.2f}x")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Tests of train.py: DDP = one process, exact resume, non-finite loss, the demo learns, refused checkpoints.
+
+Tiny runs on 8x8-pixel shapes (16 tokens), each in its own temporary directory; the DDP test launches
+`torchrun --nproc_per_node=2` (gloo, CPU) in a subprocess.
+"""
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from PIL import Image
+
+import train
+from extract_latents import LatentData, extract
+from model import patchify
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--size", "T", "--patch-size", "2", "--num-cond-tokens", "4", "--batch-size", "8", "--lr", "1e-3",
+        "--warmup-steps", "2", "--ema-decay", "0.9", "--log-every", "1", "--sample-every", "0", "--grid-classes", "2",
+        "--grid-per-class", "1", "--sample-steps", "2", "--eval-per-class", "0"]
+
+
+def _tiny_data(root, size=8, per_class=4):
+    """The demo's shapes at `size` pixels, extracted in pixel space; returns the extraction directory."""
+    images, labels = train.draw_shapes(per_class, size, seed=0)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        os.makedirs(os.path.join(root, "images", str(label)), exist_ok=True)
+        Image.fromarray(image).save(os.path.join(root, "images", str(label), f"{i}.png"))
+    extract(os.path.join(root, "images"), os.path.join(root, "latents"), vae="none", image_size=size, num_workers=0)
+    return os.path.join(root, "latents")
+
+
+def _load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _same_state(a, b, atol=0.0):
+    """Equal nested state dicts (exactly, or within atol)."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k], atol) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b) if atol == 0 else torch.allclose(a, b, rtol=0, atol=atol)
+    return a == b
+
+
+def test_micro_batch_draws():
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_tiny_data(tmp))
+        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
+        cfg = dict(train.config, per_step_t=True, class_dropout=0.5)
+        idx = train.step_indices(0, 16, len(data), seed=0)
+        clean, noise, t, y, order, steps = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000)
+        assert clean.shape == noise.shape == (16, 16, 12) and t.shape == steps.shape == order.shape == (16, 16)
+        # clean tokens: the latents drawn by LatentData.batch with the same stream, in each sample's AR order
+        x, labels = data.batch(idx, train.seeded(0, 1, 0, 0))
+        tokens = patchify(x, 2)
+        assert torch.equal(clean, tokens.gather(1, order[..., None].expand_as(tokens)))
+        # per-step t: one timestep per AR step (all slots of a step agree; a new step draws again)
+        same_step = steps[:, 1:] == steps[:, :-1]
+        assert (t[:, 1:] == t[:, :-1])[same_step].all() and (t[:, 1:] != t[:, :-1])[~same_step].float().mean() > 0.9
+        assert ((y == model.null_class) | (y == labels)).all() and 0 < (y == model.null_class).sum() < 16
+        # the data order: each epoch visits every sample once (the last partial batch dropped)
+        epoch = torch.cat([train.step_indices(s, 8, len(data), seed=0) for s in range(len(data) // 8)])
+        assert torch.equal(epoch.sort().values, torch.arange(len(data)))
+
+
+def test_ddp_two_processes_match_one_process():
+    # the 2 ranks draw micro-batches 0 and 1 of the global batch; one process with 2 accumulated micro-batches
+    # draws the same ones, so the rank-averaged loss and the weights agree to float rounding
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "3"]
+        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                              "train.py", *args, "--out", os.path.join(tmp, "two")],
+                             cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        with open(os.path.join(tmp, "two", "train.log")) as f:
+            two_losses = [float(v) for v in re.findall(r"\| loss ([0-9.e+-]+)", f.read())]
+        assert len(two_losses) == 3 and np.allclose(two_losses, one["losses"], rtol=0, atol=1e-6), \
+            (two_losses, one["losses"])
+        a, b = _load(os.path.join(tmp, "one", "ckpt.pt")), _load(os.path.join(tmp, "two", "ckpt.pt"))
+        assert a["step"] == b["step"] == 3
+        # 1e-5: the sums run in another order, and Adam turns the rounding noise of gradients that are exactly
+        # zero in exact arithmetic (k_norm.bias: a key offset does not change softmax) into ~1e-6 updates
+        assert _same_state(a["model"], b["model"], atol=1e-5) and _same_state(a["ema"], b["ema"], atol=1e-5)
+
+
+def test_resume_after_kill_while_saving_reproduces_straight_run():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2"]
+        straight = train.main(args + ["--max-steps", "6", "--out", os.path.join(tmp, "a")])
+        # the second run dies in the middle of writing its step-4 checkpoint
+        out, real_save, saves = os.path.join(tmp, "b"), torch.save, []
+
+        def dying_save(obj, f):
+            saves.append(obj["step"])
+            if obj["step"] == 4:
+                f.write(b"half a checkpoint")
+                raise KeyboardInterrupt("killed")
+            real_save(obj, f)
+
+        torch.save = dying_save
+        try:
+            train.main(args + ["--max-steps", "6", "--out", out])
+            raise AssertionError("the run should have died")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            torch.save = real_save
+        assert saves == [2, 4] and _load(os.path.join(out, "ckpt.pt"))["step"] == 2  # the old one, whole
+        resumed = train.main(args + ["--max-steps", "6", "--out", out, "--resume"])
+        a, b = _load(os.path.join(tmp, "a", "ckpt.pt")), _load(os.path.join(out, "ckpt.pt"))
+        assert b["step"] == 6 and resumed["losses"] == straight["losses"][2:]
+        for key in ("model", "ema", "optimizer"):
+            assert _same_state(a[key], b[key]), key
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint():
+    with tempfile.TemporaryDirectory() as tmp:
+        out, real_loss, calls = os.path.join(tmp, "run"), train.Diffusion.training_loss, []
+
+        def loss_nan_at_step_3(self, *a, **kw):
+            calls.append(1)
+            loss = real_loss(self, *a, **kw)
+            return loss * float("nan") if len(calls) == 3 else loss
+
+        train.Diffusion.training_loss = loss_nan_at_step_3
+        try:
+            train.main(TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2", "--max-steps", "5", "--out", out])
+            raise AssertionError("a NaN loss should stop training")
+        except FloatingPointError as e:
+            assert "step 3" in str(e) and "non-finite" in str(e), e
+        finally:
+            train.Diffusion.training_loss = real_loss
+        ckpt = _load(os.path.join(out, "ckpt.pt"))
+        assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_demo_loss_falls_and_writes_outputs():
+    with tempfile.TemporaryDirectory() as tmp:
+        # the demo's pipeline (shapes -> ImageFolder -> pixel-space extraction -> training), at 8 px
+        summary = train.main(["--out", tmp, "--demo-image-size", "8", "--patch-size", "2", "--demo-per-class", "16",
+                              "--batch-size", "32", "--max-steps", "80", "--warmup-steps", "10", "--ema-decay", "0.99",
+                              "--log-every", "20", "--sample-every", "0", "--grid-per-class", "2", "--sample-steps",
+                              "10", "--eval-per-class", "2"])
+        losses = summary["losses"]
+        assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:3]), (losses[:3], losses[-10:])
+        ckpt = _load(os.path.join(tmp, "ckpt.pt"))
+        assert ckpt["step"] == 80 and ckpt["data"]["latent_shape"] == [3, 8, 8] and ckpt["data"]["vae"] == "none"
+        assert ckpt["model_config"]["input_size"] == 8 and ckpt["data"]["num_classes"] == 10
+        assert os.path.exists(os.path.join(tmp, "samples_0000080.png")) and 0 <= summary["nn_accuracy"] <= 1
+        assert summary["nn_accuracy_real"] >= 0.9  # fresh real images: their nearest training image is same-class
+
+
+def test_checkpoint_of_other_size_or_latent_shape_is_refused():
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        train.main(TINY + ["--data", _tiny_data(tmp), "--max-steps", "1", "--out", out])
+        try:
+            train.main(TINY + ["--data", os.path.join(tmp, "latents"), "--size", "S", "--out", out, "--resume"])
+            raise AssertionError("another size should be refused")
+        except ValueError as e:
+            assert "model configuration" in str(e) and "'hidden_size': (128, 384)" in str(e), e
+        other = _tiny_data(os.path.join(tmp, "other"), size=12)
+        try:
+            train.main(TINY + ["--data", other, "--out", out, "--resume"])
+            raise AssertionError("another latent shape should be refused")
+        except ValueError as e:
+            assert "data configuration" in str(e) and "'latent_shape': ([3, 8, 8], [3, 12, 12])" in str(e), e
+        try:
+            train.main(TINY + ["--data", other, "--out", out])
+            raise AssertionError("an existing run should not be overwritten")
+        except FileExistsError as e:
+            assert "--resume" in str(e)

@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     pass
 
 
-def _convert(key, text, default):
+def _convert(name, text, default):
     kind = type(default)
     if default is None or kind is str:
         return text
@@ -39,8 +39,14 @@ def _is_option(word):
 
 
 def parse_config(config, argv=None, prog=None):
-    """Override `config` in place from argv; return the list of positional arguments."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Override `config` in place from argv; return the list of positional arguments.
+    With argv=None (the real command line) a bad option exits with `prog: error: ...` instead of raising."""
+    if argv is None:
+        try:
+            return parse_config(config, sys.argv[1:], prog)
+        except ConfigError as e:
+            sys.exit(f"{prog or sys.argv[0]}: error: {e}")
+    argv = list(argv)
     positional, i = [], 0
     while i < len(argv):
         word = argv[i]
@@ -64,14 +70,14 @@ def parse_config(config, argv=None, prog=None):
                 values.append(argv[i])
                 i += 1
             elem = default[0] if len(default) else ""
-            config[key] = type(default)(_convert(key, v, elem) for v in values if v != "")
+            config[key] = type(default)(_convert(name, v, elem) for v in values if v != "")
         elif has_eq:
-            config[key] = _convert(key, inline, default)
+            config[key] = _convert(name, inline, default)
         elif isinstance(default, bool) and (i == len(argv) or _is_option(argv[i])
                                            or argv[i].lower() not in _TRUE | _FALSE):
             config[key] = True  # bare flag
         elif i < len(argv):
-            config[key] = _convert(key, argv[i], default)
+            config[key] = _convert(name, argv[i], default)
             i += 1
         else:
             raise ConfigError(f"--{name}: missing value")

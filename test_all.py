@@ -34,6 +34,24 @@ def tiny_model(**kw):
     return model.eval()
 
 
+def test_config_overrides():
+    from config import ConfigError, parse_config
+    cfg = dict(lr=1e-4, size="T", steps=250, compile=False, resume=False, interval=(0.0, 1000.0), classes=[], ckpt=None)
+    rest = parse_config(cfg, ["a.npz", "--lr=3e-4", "--size", "L", "--compile", "--resume", "false", "--interval",
+                              "100", "800", "--classes", "3", "-1", "--ckpt", "x.pt", "b.npz"])
+    assert rest == ["a.npz", "b.npz"]
+    assert cfg == dict(lr=3e-4, size="L", steps=250, compile=True, resume=False, interval=(100.0, 800.0),
+                       classes=["3", "-1"], ckpt="x.pt")
+    for bad, word in ((["--stpes", "3"], "--stpes"), (["--steps", "many"], "--steps"), (["--compile=maybe"], "--compile"),
+                      (["--steps"], "--steps")):
+        try:
+            parse_config(dict(steps=1, compile=False), bad)
+        except ConfigError as e:
+            assert word in str(e), (bad, e)
+        else:
+            raise AssertionError(f"{bad} was accepted")
+
+
 # ----------------------------------------------------------------------------------------- mask.py
 def brute_force_mask(num_cond, clean_steps, noisy_steps):
     """The rules of SPEC.md Sec. 2, one token pair at a time."""

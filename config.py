@@ -18,7 +18,7 @@ class ConfigError(ValueError):
     pass
 
 
-def _convert(name, text, default):
+def _convert(option, text, default):
     kind = type(default)
     if default is None or kind is str:
         return text
@@ -27,11 +27,11 @@ def _convert(name, text, default):
             return True
         if text.lower() in _FALSE:
             return False
-        raise ConfigError(f"--{key}: expected true or false, got {text!r}")
+        raise ConfigError(f"--{option}: expected true or false, got {text!r}")
     try:
         return kind(text)
     except ValueError:
-        raise ConfigError(f"--{key}: expected {kind.__name__}, got {text!r}") from None
+        raise ConfigError(f"--{option}: expected {kind.__name__}, got {text!r}") from None
 
 
 def _is_option(word):

@@ -8,11 +8,13 @@
 Training: one optimizer step (forward, backward, clip, AdamW, EMA) on fixed inputs, timed for the fast path
 (SDPA's fused kernels, and torch.compile with --compile) and for the reference path (the same model with
 SDPA's math backend, no compile). Sampling: images/s of diffusion mode and AR mode at S = 4, 16, 64 and L
-through the KV cache, same samples and DDPM steps, with and without CFG. Medians over --repeats after a
-warm-up; CUDA is synchronized before every clock read.
+through the KV cache, same samples and DDPM steps, with and without CFG. Medians over --repeats (training)
+and --sample-repeats after a warm-up, in rounds that run every configuration once, so that the ratios
+hold on a shared machine; CUDA is synchronized before every clock read.
 """
 import contextlib
 import copy
+import functools
 import json
 import statistics
 import time
@@ -38,8 +40,9 @@ config = dict(
     batch_size=64,  # training batch and sampling batch
     dtype="",  # bf16 or fp32 autocast; "" = bf16 on cuda, fp32 on cpu
     compile=False,  # torch.compile the fast path's training model
-    repeats=5,  # timed repeats (the median is reported)
-    warmup=2,  # untimed repeats first
+    repeats=5,  # timed training steps (the median is reported)
+    warmup=2,  # untimed training steps first
+    sample_repeats=3,  # timed sampling runs per (scale, S), after a two-DDPM-step warm-up (the median is reported)
     steps=25,  # DDPM steps of the sampling benchmark (paper: 250)
     ar_steps=(1, 4, 16, 64, 0),  # AR steps S to sample with (0 = L, token by token)
     sample_scales=(1.0, 1.5),  # CFG scales of the sampling runs (1 = no guidance, one batch; > 1 a doubled one)
@@ -48,19 +51,23 @@ config = dict(
 )
 
 
-def timed(fn, repeats, warmup, device):
-    """Median seconds of fn() over repeats, after warmup calls."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def timed_rounds(fns, repeats, device):
+    """{name: (median seconds, peak GiB on cuda)} of the calls fns[name](). Each round calls every fn once, so
+    a slow spell of a shared machine hits all of them alike and their ratios stay fair."""
+    times, peaks = {name: [] for name in fns}, {name: 0.0 for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) / 2 ** 30)
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), peaks[name] if device.type == "cuda" else float("nan"))
+            for name in fns}
 
 
 def training_flops(model, attn_mask):
@@ -100,12 +107,12 @@ def bench_train(cfg, device, autocast):
                   attn_mask=mask.causal_mask(steps, steps, model.num_cond_tokens))
     inputs = {k: v.to(device) for k, v in inputs.items()}
     flops = training_flops(model, inputs["attn_mask"])
-    results = {}
+    steps = {}
     for path in ("reference", "fast"):
         train_model = torch.compile(model) if path == "fast" and cfg["compile"] else model
         kernels = (lambda: sdpa_kernel([SDPBackend.MATH])) if path == "reference" else contextlib.nullcontext
 
-        def step():
+        def step(train_model=train_model, kernels=kernels):
             with kernels(), autocast:
                 loss = diffusion.training_loss(train_model, **inputs)
             loss.backward()
@@ -114,10 +121,11 @@ def bench_train(cfg, device, autocast):
             optimizer.zero_grad(set_to_none=True)
             ema_update(ema, model, 0.9999)
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        seconds = timed(step, cfg["repeats"], cfg["warmup"], device)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        for _ in range(cfg["warmup"]):  # compiles, and lets the allocator settle
+            step()
+        steps[path] = step
+    results = {}
+    for path, (seconds, peak) in timed_rounds(steps, cfg["repeats"], device).items():
         results[path] = dict(steps_per_s=1 / seconds, images_per_s=n / seconds, tokens_per_s=n * L / seconds,
                              peak_mem_gib=peak, tflops=flops / seconds / 1e12)
         if peak_flops(cfg, device):
@@ -131,12 +139,14 @@ def bench_sample(cfg, device, dtype):
                          in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device).eval()
     diffusion, n, L = Diffusion(cfg["steps"]), cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
-    results = {}
+    runs = {}
     for scale in cfg["sample_scales"]:
         for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
-            run = lambda d: sample_batch(model, d, labels, cfg["seed"], ar_steps=s, cfg_scale=scale, dtype=dtype)
-            run(Diffusion(2))  # warm-up: the same calls, two DDPM steps
-            results[(scale, s)] = timed(lambda: run(diffusion), max(1, cfg["repeats"] // 2), 0, device)
+            run = functools.partial(sample_batch, model, labels=labels, batch_seed=cfg["seed"], ar_steps=s,
+                                    cfg_scale=scale, dtype=dtype)
+            run(diffusion=Diffusion(2))  # warm-up: the same calls, two DDPM steps
+            runs[(scale, s)] = functools.partial(run, diffusion=diffusion)
+    results = {key: seconds for key, (seconds, _) in timed_rounds(runs, cfg["sample_repeats"], device).items()}
     rows, first = {}, min(s for _, s in results)  # S = 1 unless --ar-steps leaves it out
     for (scale, s), seconds in results.items():
         rows[f"cfg {scale:g} S={s}"] = dict(images_per_s=n / seconds, seconds=seconds,

@@ -30,17 +30,15 @@ class Diffusion:
 
     def _acp(self, t, like):
         """alpha_bar_t for full-schedule timesteps t, shaped to broadcast against tokens `like`."""
-        acp = self.full_alphas_cumprod.to(like.device)[t].to(torch.float32)
+        if self.full_alphas_cumprod.device != t.device:  # moved once: a copy per call would sync the GPU
+            self.full_alphas_cumprod = self.full_alphas_cumprod.to(t.device)
+        acp = self.full_alphas_cumprod[t].to(torch.float32)
         return acp.view(*t.shape, *([1] * (like.dim() - t.dim())))  # (N, 1, 1) or (N, L, 1)
 
     def q_sample(self, x0, t, noise):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps; t is (N,) or per token (N, L)."""
         acp = self._acp(t, x0)
         return acp.sqrt() * x0 + (1 - acp).sqrt() * noise
-
-    def predict_x0(self, xt, t, eps):
-        acp = self._acp(t, xt)
-        return (xt - (1 - acp).sqrt() * eps) / acp.sqrt()
 
     def training_loss(self, model, x0, t, noise, weights, **model_kwargs):
         """AR-weighted MSE on epsilon over all noisy tokens. x0, noise (N, L, P) in AR order; weights (N, L).
@@ -61,9 +59,10 @@ class Diffusion:
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     def step(self, x, eps, i, generator):
-        """One ancestral step from respaced index i to i - 1."""
-        mean = self.coef_x0[i].item() * self.predict_x0(x, self.timesteps[i].expand(x.shape[0]).to(x.device), eps)
-        mean = mean + self.coef_xt[i].item() * x
+        """One ancestral step from respaced index i to i - 1, with Python-float coefficients (no device copies)."""
+        acp = self.alphas_cumprod[i].item()
+        x0 = (x - (1 - acp) ** 0.5 * eps) / acp ** 0.5  # the x0 that eps implies
+        mean = self.coef_x0[i].item() * x0 + self.coef_xt[i].item() * x
         if i == 0:
             return mean
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -332,6 +332,20 @@ def test_fast_and_reference_attention_paths_agree():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), (a - b).abs().max()
 
 
+def test_bench_runs_both_benchmarks():
+    # bench.py end to end on a tiny shape: both training paths and every (scale, S) sampling run, S = L included
+    import bench
+    report = bench.main(["--input-size", "8", "--batch-size", "4", "--repeats", "1", "--warmup", "1",
+                         "--sample-repeats", "1", "--steps", "2", "--ar-steps", "1", "4", "0"])
+    assert set(report["train"]) == {"reference", "fast"}
+    for r in report["train"].values():
+        assert r["steps_per_s"] > 0 and math.isclose(r["images_per_s"], 4 * r["steps_per_s"])
+        assert math.isclose(r["tokens_per_s"], 16 * r["images_per_s"])  # 8x8 latents, 2x2 patches: 16 tokens
+    assert list(report["sample"]) == [f"cfg {c} S={s}" for c in ("1", "1.5") for s in (1, 4, 16)]
+    for run, r in report["sample"].items():
+        assert math.isclose(r["images_per_s"] * r["seconds"], 4) and (r["vs_S1"] == 1) == run.endswith("S=1")
+
+
 # ------------------------------------------------------------------------------------ diffusion.py
 def test_respaced_schedule_matches_direct_computation():
     d = diffusion.Diffusion(sample_steps=250)
@@ -363,8 +377,12 @@ def test_q_sample_and_posterior():
     xt2 = d.q_sample(x0, per_token_t, noise)
     acp2 = d.alphas_cumprod[per_token_t].float()[..., None]
     assert torch.allclose(xt2, acp2.sqrt() * x0 + (1 - acp2).sqrt() * noise)
-    # with the true noise, the sampler's x0 estimate recovers x0
-    assert torch.allclose(d.predict_x0(xt, t, noise), x0, atol=1e-3)
+    # one ancestral step with the true noise: the posterior mean of q(x_{t-1} | x_t, x_0) plus sigma_t z
+    for i in (0, 1, 700, 999):
+        xt = d.q_sample(x0, torch.full((2,), int(d.timesteps[i])), noise)
+        z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(i)) if i else 0
+        expected = d.coef_x0[i] * x0 + d.coef_xt[i] * xt + d.variance[i].sqrt() * z
+        assert torch.allclose(d.step(xt, noise, i, torch.Generator().manual_seed(i)), expected.float(), atol=1e-4), i
 
 
 def test_cfg_scale_one_is_conditional():

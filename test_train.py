@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 
 import numpy as np
 import torch
@@ -130,7 +131,9 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint():
 
         train.Diffusion.training_loss = loss_nan_at_step_3
         try:
-            train.main(TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2", "--max-steps", "5", "--out", out])
+            # read back at step 4 (a checkpoint step, not a log step): named as step 3, and nothing saved
+            train.main(TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2", "--log-every", "10", "--max-steps",
+                               "5", "--out", out])
             raise AssertionError("a NaN loss should stop training")
         except FloatingPointError as e:
             assert "step 3" in str(e) and "non-finite" in str(e), e
@@ -138,6 +141,50 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint():
             train.Diffusion.training_loss = real_loss
         ckpt = _load(os.path.join(out, "ckpt.pt"))
         assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_training_steps_read_nothing_back_from_the_device():
+    # the step loop may read device values (an implicit GPU sync) only at log and checkpoint steps. Count the
+    # host reads (item, tolist, bool, float, int) made by the project's own code outside the data draw, which
+    # works on host tensors by design: 8 steps must make exactly as many as 4 steps (the end's logging and grid)
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    real = {name: getattr(torch.Tensor, name) for name in names}
+    ours = {os.path.join(HERE, f) for f in ("train.py", "model.py", "diffusion.py", "mask.py", "sample.py")}
+    reads, in_data = [], [False]
+
+    def counting(name):
+        def read(self, *a, **kw):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename in ours and not in_data[0]:
+                reads.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} {name}")
+            return real[name](self, *a, **kw)
+        return read
+
+    real_draw = train.draw_micro_batch
+
+    def draw(*a, **kw):
+        in_data[0] = True
+        try:
+            return real_draw(*a, **kw)
+        finally:
+            in_data[0] = False
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--log-every", "100", "--ckpt-every", "100"]
+        counts = {}
+        try:
+            train.draw_micro_batch = draw
+            for name in names:
+                setattr(torch.Tensor, name, counting(name))
+            for steps in (4, 8):
+                reads.clear()
+                train.main(args + ["--max-steps", str(steps), "--out", os.path.join(tmp, str(steps))])
+                counts[steps] = sorted(reads)
+        finally:
+            train.draw_micro_batch = real_draw
+            for name in names:
+                setattr(torch.Tensor, name, real[name])
+        assert counts[4] and counts[8] == counts[4], Counter(counts[8]) - Counter(counts[4])  # the reads per step
 
 
 def test_demo_loss_falls_and_writes_outputs():

@@ -324,7 +324,24 @@ def train(cfg, rank, world, device):
         save_grid(images.repeat(zoom, 1).repeat(zoom, 2), path, ncol=cfg["grid_per_class"])
         log(f"step {step} | EMA samples: {path}")
 
-    losses, timer, t_start = [], 0.0, time.time()
+    def read_stats():
+        """Move the steps' device-side (loss, grad norm) to the host: the loop's only device sync, at log and
+        checkpoint steps. Non-finite values stop the run before the checkpoint could save them."""
+        values = torch.stack(pending)  # (steps, 2): summed micro-batch loss of this rank, grad norm
+        if world > 1:
+            dist.all_reduce(values)  # the grad norm is the same on every rank: divide it back
+        values = (values / torch.tensor([micro, world], device=device)).tolist()
+        first = step - len(pending) + 1
+        pending.clear()
+        for i, (loss_value, norm_value) in enumerate(values):
+            if not math.isfinite(loss_value) or not math.isfinite(norm_value):
+                raise FloatingPointError(f"step {first + i}: non-finite loss {loss_value} or grad norm {norm_value}; "
+                                         f"stopped without saving, {ckpt_path} keeps the last good state")
+            losses.append(loss_value)
+        return norm_value
+
+    losses, pending, timer, t_start = [], [], 0.0, time.time()
+    pin = device.type == "cuda"  # page-locked host memory: the copies to the GPU run asynchronously
     while step < cfg["max_steps"]:
         t0 = time.time()
         lr = cfg["lr"] * min(1.0, (step + 1) / cfg["warmup_steps"]) if cfg["warmup_steps"] else cfg["lr"]
@@ -336,7 +353,8 @@ def train(cfg, rank, world, device):
             m = rank * cfg["grad_accum"] + a  # this micro-batch's place in the global batch
             batch = draw_micro_batch(data, model, indices[m * micro_size:(m + 1) * micro_size],
                                      seeded(cfg["seed"], 1, step, m), cfg, diffusion.num_timesteps)
-            clean, noise, t, y, order, steps = (x.to(device, non_blocking=True) for x in batch)
+            clean, noise, t, y, order, steps = ((x.pin_memory() if pin else x).to(device, non_blocking=True)
+                                                for x in batch)
             last = a == cfg["grad_accum"] - 1
             weights = mask.ar_weights(steps, cfg["ar_lambda"])  # (B, L)
             attn_mask = mask.causal_mask(steps, steps, model.num_cond_tokens)  # (B, T, T), static layout
@@ -347,19 +365,16 @@ def train(cfg, rank, world, device):
                 (loss / cfg["grad_accum"]).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        loss_value, norm_value = torch.stack([loss_sum / micro, grad_norm]).tolist()  # one sync per step
-        if not math.isfinite(loss_value) or not math.isfinite(norm_value):
-            raise FloatingPointError(f"step {step + 1}: non-finite loss {loss_value} or grad norm {norm_value}; "
-                                     f"stopped without saving, {ckpt_path} keeps the last good state")
+        pending.append(torch.stack([loss_sum, grad_norm.float()]))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
         step += 1
-        losses.append(loss_value)
+        log_now = step % cfg["log_every"] == 0 or step == cfg["max_steps"]
+        if log_now or step % cfg["ckpt_every"] == 0:
+            norm_value = read_stats()
         timer += time.time() - t0
-        if step % cfg["log_every"] == 0 or step == cfg["max_steps"]:
+        if log_now:
             n_steps = min(cfg["log_every"], len(losses))
             rate = n_steps / timer
             mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"

@@ -366,6 +366,8 @@ def main(argv=None):
         raise ValueError("--ckpt is required: a checkpoint of train.py or of the authors' code")
     if cfg["dtype"] not in ("", "bf16", "fp32"):
         raise ValueError(f"--dtype must be bf16 or fp32, got {cfg['dtype']!r}")
+    if cfg["out"] and not cfg["out"].endswith(".npz"):  # np.savez would quietly append .npz
+        raise ValueError(f"--out must name an .npz file (for fid.py), got {cfg['out']!r}")
     rank, world, device = setup(cfg["device"])
     dtype = cfg["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
     model, meta = load_checkpoint(cfg["ckpt"], cfg["ema"], cfg["vae"])

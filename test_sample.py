@@ -236,7 +236,8 @@ def test_clear_errors():
     for args, words in ((["--cfg-scale", "0.5"], "--cfg-scale"), (["--cfg-interval", "0", "1200"], "--cfg-interval"),
                         (["--ar-steps", "17"], "1..16"), (["--classes", "4"], "--classes [4]"),
                         (["--classes", "purple"], "class names"), (["--edit-class", "0"], "--classes"),
-                        (["--edit-class", "0", "--classes", "1", "--keep", "middle"], "--keep 'middle'")):
+                        (["--edit-class", "0", "--classes", "1", "--keep", "middle"], "--keep 'middle'"),
+                        (["--out", "samples.png"], "--out must name an .npz")):
         try:
             sample.main(base + args)
             raise AssertionError(f"no error for {args}")

@@ -90,10 +90,14 @@ def peak_flops(cfg, device):
     return 0.0
 
 
-def bench_train(cfg, device, autocast):
+def build_model(cfg, device):
     torch.manual_seed(cfg["seed"])
-    model = CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
-                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device)
+    return CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
+                        in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device)
+
+
+def bench_train(cfg, device, autocast):
+    model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
@@ -134,9 +138,7 @@ def bench_train(cfg, device, autocast):
 
 
 def bench_sample(cfg, device, dtype):
-    torch.manual_seed(cfg["seed"])
-    model = CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
-                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device).eval()
+    model = build_model(cfg, device).eval()
     diffusion, n, L = Diffusion(cfg["steps"]), cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
     runs = {}

@@ -27,6 +27,10 @@ class Diffusion:
         self.variance = torch.cat([posterior_variance[1:2], self.betas[1:]])  # fixed "large"
         self.coef_x0 = self.betas * acp_prev.sqrt() / (1 - acp)  # posterior mean = coef_x0 x0 + coef_xt xt
         self.coef_xt = (1 - acp_prev) * (1 - self.betas).sqrt() / (1 - acp)
+        # a step as x_{i-1} = c_x x + c_eps eps + sigma z, x0 = (x - sqrt(1 - acp) eps) / sqrt(acp) folded in;
+        # Python floats, so the sampler's hot loop makes no device copies and no per-step .item() calls
+        self.step_coefs = torch.stack([self.coef_x0 / acp.sqrt() + self.coef_xt,
+                                       -self.coef_x0 * (1 - acp).sqrt() / acp.sqrt(), self.variance.sqrt()], 1).tolist()
 
     def _acp(self, t, like):
         """alpha_bar_t for full-schedule timesteps t, shaped to broadcast against tokens `like`."""
@@ -59,14 +63,12 @@ class Diffusion:
         return eps_u + cfg_scale * (eps_c - eps_u)
 
     def step(self, x, eps, i, generator):
-        """One ancestral step from respaced index i to i - 1, with Python-float coefficients (no device copies)."""
-        acp = self.alphas_cumprod[i].item()
-        x0 = (x - (1 - acp) ** 0.5 * eps) / acp ** 0.5  # the x0 that eps implies
-        mean = self.coef_x0[i].item() * x0 + self.coef_xt[i].item() * x
+        """One ancestral step from respaced index i to i - 1."""
+        c_x, c_eps, sigma = self.step_coefs[i]
+        mean = c_x * x + c_eps * eps
         if i == 0:
             return mean
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return mean + self.variance[i].sqrt().item() * noise
+        return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     def sample(self, eps_fn, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None):
         """Denoise x (N, ...) from pure noise. eps_fn(x, t) -> eps, with t an int timestep of the full

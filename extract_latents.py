@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -341,4 +342,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad options, files or data: the message names them
+        sys.exit(f"extract_latents.py: error: {e}")

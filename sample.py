@@ -408,5 +408,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:  # bad options or files: the message names them, no traceback needed
+    except (ValueError, FileNotFoundError) as e:  # bad options or files: the message names them, no traceback needed
         sys.exit(f"sample.py: error: {e}")

@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import sys
 import resource
 import time
 
@@ -405,4 +406,7 @@ def train(cfg, rank, world, device):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad options, files or data: the message names them
+        sys.exit(f"train.py: error: {e}")

@@ -27,10 +27,10 @@ from config import parse_config
 from diffusion import Diffusion
 from model import CausalFusion
 from sample import sample_batch
-from train import ema_update
+from train import ema_update, forward_losses
 
 config = dict(
-    what="train,sample",  # which benchmarks: train, sample, or both
+    what="train,sample",  # which benchmarks: train, sample, text (a training step with a text against one without)
     device="cpu",  # cpu or cuda
     size="T",  # model size (model.py SIZES)
     input_size=16,  # latent side (16 = the demo's 16x16 pixels; 32 = SD latents of 256x256 images)
@@ -48,6 +48,8 @@ config = dict(
     sample_scales=(1.0, 1.5),  # CFG scales of the sampling runs (1 = no guidance, one batch; > 1 a doubled one)
     peak_tflops=0.0,  # device bf16 peak for MFU; 0 = from the GPU's name (H100 SXM 989, PCIe 756, A100 312)
     seed=0,  # inputs and sampling seed
+    text_len=35,  # --what text: text tokens in place of the class tokens (paper: 35)
+    text_vocab=128256,  # --what text: text vocabulary (LLaMA-3: 128256; the byte tokenizer: 258)
 )
 
 
@@ -90,10 +92,52 @@ def peak_flops(cfg, device):
     return 0.0
 
 
-def build_model(cfg, device):
+def build_model(cfg, device, **text_options):
     torch.manual_seed(cfg["seed"])
     return CausalFusion(cfg["size"], input_size=cfg["input_size"], patch_size=cfg["patch_size"],
-                        in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"]).to(device)
+                        in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"], **text_options).to(device)
+
+
+def bench_text(cfg, device, autocast):
+    """train.py's step (forward_losses, backward, clip, AdamW, EMA) of the class-conditional model against the
+    multimodal one: a text of text_len tokens instead of the class tokens, 10% of it captions with their
+    next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
+    g = torch.Generator().manual_seed(cfg["seed"])
+    n, diffusion, fns = cfg["batch_size"], Diffusion(), {}
+    run_cfg = dict(transfusion=False, gamma=0.9, ar_lambda=2.0, text_loss_weight=0.01)
+    for name, options in (("class", {}), ("text", dict(text_vocab=cfg["text_vocab"], text_len=cfg["text_len"]))):
+        model = build_model(cfg, device, **options)
+        ema = copy.deepcopy(model).requires_grad_(False)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+        L = model.num_tokens
+        steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
+        b = dict(clean=torch.randn(n, L, model.token_dim, generator=g), noise=torch.randn(n, L, model.token_dim, generator=g),
+                 t=torch.randint(0, 1000, (n,), generator=g), y=torch.randint(0, model.num_classes, (n,), generator=g),
+                 order=mask.token_order(n, model.grid_size, model.grid_size, "random", g), steps=steps)
+        if options:
+            b.update(text=torch.randint(0, cfg["text_vocab"], (n, cfg["text_len"]), generator=g), y=None,
+                     text_len=torch.randint(2, cfg["text_len"] + 1, (n,), generator=g),
+                     text_after=torch.rand(n, generator=g) >= 0.9)
+        b = {k: v if v is None else v.to(device) for k, v in b.items()}
+        train_model = torch.compile(model) if cfg["compile"] else model
+
+        def step(model=model, train_model=train_model, ema=ema, params=params, optimizer=optimizer, b=b):
+            with autocast:
+                loss = forward_losses(train_model, model, diffusion, b, run_cfg)[0]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema_update(ema, model, 0.9999)
+
+        for _ in range(cfg["warmup"]):
+            step()
+        fns[name] = step
+        print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, sequence "
+              f"{model.num_cond_tokens + 2 * L} tokens")
+    return {name: dict(steps_per_s=1 / seconds, peak_mem_gib=peak)
+            for name, (seconds, peak) in timed_rounds(fns, cfg["repeats"], device).items()}
 
 
 def bench_train(cfg, device, autocast):
@@ -171,6 +215,8 @@ def main(argv=None):
         report["train"] = bench_train(cfg, device, autocast)
     if "sample" in cfg["what"]:
         report["sample"] = bench_sample(cfg, device, dtype)
+    if "text" in cfg["what"]:
+        report["text"] = bench_text(cfg, device, autocast)
     if "train" in report:
         ref, fast = report["train"]["reference"], report["train"]["fast"]
         print(f"\ntraining, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}:")
@@ -184,6 +230,13 @@ def main(argv=None):
         print(f"{'run':16s} {'img/s':>9s} {'seconds':>9s} {'vs S=1':>7s}")
         for run, r in report["sample"].items():
             print(f"{run:16s} {r['images_per_s']:9.2f} {r['seconds']:9.2f} {r['vs_S1']:6.2f}x")
+    if "text" in report:
+        r = report["text"]
+        print(f"\ntraining step with and without a text, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}, "
+              f"{cfg['text_len']} text tokens, vocabulary {cfg['text_vocab']}:")
+        for name, row in r.items():
+            print(f"{name:10s} {row['steps_per_s']:9.3f} steps/s  peak {row['peak_mem_gib']:.2f} GiB")
+        print(f"text / class step time: {r['class']['steps_per_s'] / r['text']['steps_per_s']:.2f}x")
     return report
 
 

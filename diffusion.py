@@ -48,7 +48,11 @@ class Diffusion:
         """AR-weighted MSE on epsilon over all noisy tokens. x0, noise (N, L, P) in AR order; weights (N, L).
         The clean tokens shown to the model as context are x0 itself."""
         xt = self.q_sample(x0, t, noise)
-        eps = model(x0, xt, t, **model_kwargs)  # (N, L, P)
+        return self.eps_loss(model(x0, xt, t, **model_kwargs), noise, weights)
+
+    @staticmethod
+    def eps_loss(eps, noise, weights):
+        """Mean over tokens of weights (N, L) times each token's squared eps error (mean over its P values)."""
         mse = (eps.float() - noise).square().mean(dim=-1)  # (N, L)
         return (mse * weights).mean()
 

@@ -1,22 +1,29 @@
-"""Encode an ImageFolder tree once into VAE posterior moments; training then reads latents, not JPEGs.
+"""Encode an image folder once into VAE posterior moments; training then reads latents, not JPEGs.
 
     python extract_latents.py --data-path DIR --vae mar --vae-ckpt kl16.ckpt --image-size 256 --out latents/in256_mar
     torchrun --nproc_per_node 8 extract_latents.py ...same options...     # many GPUs: one shard set per rank
     python extract_latents.py --data-path DIR --vae none --image-size 32 --out latents/tiny   # pixels, CPU
 
-DIR/<class>/<image>: classes sorted by folder name give the labels 0..K-1. Each image gets the ADM centre
-crop, then the moments of it and of its horizontal flip are stored; training (LatentData below) picks a flip
-and samples z = mean + exp(logvar / 2) * eps per example, as fast-DiT and MAR do.
+Two layouts of DIR:
+  DIR/<class>/<image>    class folders: classes sorted by folder name give the labels 0..K-1
+  DIR/metadata.jsonl     captioned images (the imagefolder layout of Hugging Face datasets and diffusers): one
+                         JSON object a line, {"file_name": "<path under DIR>", "text": "<caption>" or
+                         ["<caption>", ...]}; images in line order, all captions kept, no classes (labels 0)
+Each image gets the ADM centre crop, then the moments of it and of its horizontal flip are stored; training
+(LatentData below) picks a flip and samples z = mean + exp(logvar / 2) * eps per example, as fast-DiT and MAR do.
 
 Output directory:
-  plan.json         the options and the file list's hash: a re-run with the same options resumes, others refuse
+  plan.json         the options and the hashes of the file list (and of metadata.jsonl): a re-run with the same
+                    options resumes, others refuse
   shard_00000.npy   float16 (n, 2, K, C, h, w): n images, [as is, flipped], K = 2 [mean, logvar] (K = 1 for
                     --vae none: the pixels in [-1, 1]); unscaled; fp16 halves the disk of fp32 and is precise
                     enough for moments of this range
-  shard_00000.json  that shard's labels and skipped files; written after its .npy: it marks the shard done
+  shard_00000.json  that shard's labels, skipped files (and captions); written after its .npy: it marks the
+                    shard done
   labels.npy        int64 (N,), in shard order
-  meta.json         vae, scale_factor, image_size, latent_shape, count, skipped, class names, shard list;
-                    written last, so its presence means the extraction is complete
+  captions.json     captioned data only: a JSON list of N lists of caption strings, in shard order (one line each)
+  meta.json         vae, scale_factor, image_size, latent_shape, count, skipped, class names, captioned,
+                    num_captions, shard list; written last, so its presence means the extraction is complete
 """
 import hashlib
 import json
@@ -35,7 +42,7 @@ from config import parse_config
 from vae import build_vae
 
 config = dict(
-    data_path="",  # ImageFolder root: DIR/<class>/<image>
+    data_path="",  # image folder: DIR/<class>/<image>, or captioned images listed in DIR/metadata.jsonl
     out="",  # output directory (created; a re-run with the same options resumes an interrupted extraction)
     vae="none",  # "sd" (SD VAE, 8x, 4 channels), "mar" (MAR KL-16, 16x, 16 channels) or "none" (pixels)
     vae_ckpt=None,  # VAE weights (see vae.py; "random" = random weights, for tests and speed measurements)
@@ -73,6 +80,70 @@ def list_images(root):
         paths += found
         labels += [label] * len(found)
     return paths, labels, classes
+
+
+def _check_line(line, root, seen, lineno):
+    """One metadata.jsonl line -> (relative path, [captions]); a ValueError says what is wrong with it."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON at column {e.colno}: {e.msg}")  # its "line 1" would mislead
+    if not isinstance(obj, dict):
+        raise ValueError(f"not a JSON object (a {type(obj).__name__})")
+    missing = [k for k in ("file_name", "text") if k not in obj]
+    if missing:
+        raise ValueError(f"missing {' and '.join(map(repr, missing))}")
+    name, text = obj["file_name"], obj["text"]
+    if not isinstance(name, str):
+        raise ValueError(f"\"file_name\" must be a string, got {name!r}")
+    captions = [text] if isinstance(text, str) else text
+    if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+        raise ValueError(f"\"text\" must be a string or a non-empty list of strings, got {text!r}")
+    empty = [i for i, c in enumerate(captions) if not c.strip()]
+    if empty:
+        raise ValueError(f"empty caption {text!r}" if isinstance(text, str)
+                         else f"empty caption(s) at {empty} of \"text\"")
+    rel = os.path.normpath(name)  # "a/./b.png" and "a/b.png" are one file, for the duplicate check
+    if os.path.isabs(name) or rel == ".." or rel.startswith(".." + os.sep):
+        raise ValueError(f"file_name {name!r} is not a path inside {root}")
+    if not os.path.isfile(os.path.join(root, rel)):
+        raise ValueError(f"file_name {name!r}: no such file under {root}")
+    if rel in seen:
+        raise ValueError(f"file_name {name!r} already listed on line {seen[rel]}")
+    seen[rel] = lineno
+    return rel, captions
+
+
+def list_captioned(root, show=10):
+    """DIR/metadata.jsonl listing: (paths, captions per path, sha1 of the file). Every bad line of the file
+    is collected into one error (the first `show` of them spelled out), so one run finds them all."""
+    meta_path = os.path.join(root, "metadata.jsonl")
+    with open(meta_path, "rb") as f:
+        data = f.read()
+    paths, captions, bad, seen = [], [], [], {}
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a BOM, as json tools do
+        except UnicodeDecodeError as e:
+            bad.append(f"line {lineno}: not UTF-8 ({e})")
+            continue
+        if not line.strip():
+            continue
+        try:
+            rel, caps = _check_line(line, root, seen, lineno)
+        except ValueError as e:
+            bad.append(f"line {lineno}: {e}")
+            continue
+        paths.append(os.path.join(root, rel))
+        captions.append(caps)
+    if bad:
+        more = f"\n  ... and {len(bad) - show} more" if len(bad) > show else ""
+        raise ExtractionError(f"{meta_path}: {len(bad)} bad line(s); expected one JSON object per line, "
+                              f'{{"file_name": "<path under {root}>", "text": "<caption>" or ["<caption>", ...]}}:\n  '
+                              + "\n  ".join(bad[:show]) + more)
+    if not paths:
+        raise ExtractionError(f"{meta_path}: lists no images (expected one JSON object per line)")
+    return paths, captions, hashlib.sha1(data).hexdigest()
 
 
 def center_crop(img, size):
@@ -122,7 +193,8 @@ def _shard_name(k):
 
 
 def _our_files(out):
-    return [f for f in os.listdir(out) if f.startswith("shard_") or f.split(".")[0] in ("plan", "meta", "labels")]
+    ours = ("plan", "meta", "labels", "captions")
+    return [f for f in os.listdir(out) if f.startswith("shard_") or f.split(".")[0] in ours]
 
 
 def _check_out(out, plan, overwrite):
@@ -143,21 +215,27 @@ def _check_out(out, plan, overwrite):
 
 
 def _finalize(out, plan, num_shards, latent_shape, k_moments):
-    """Rank 0, after every shard is written: labels.npy and meta.json (last)."""
-    shards, labels, skipped = [], [], []
+    """Rank 0, after every shard is written: labels.npy, captions.json and meta.json (last)."""
+    captioned = "metadata_sha1" in plan
+    shards, labels, skipped, captions = [], [], [], []
     for k in range(num_shards):
         with open(os.path.join(out, _shard_name(k) + ".json")) as f:
             info = json.load(f)
         shards.append({"file": _shard_name(k) + ".npy", "count": len(info["labels"])})
         labels += info["labels"]
         skipped += info["skipped"]
+        captions += info["captions"] if captioned else []
     if not labels:
         raise ExtractionError(f"--data-path {plan['data_path']}: none of the {plan['num_files']} images could be read")
     _write_atomic(os.path.join(out, "labels.npy"), lambda f: np.save(f, np.array(labels, dtype=np.int64)))
+    if captioned:  # one image a line: readable, and far smaller than indent=1 with 10 captions an image
+        text = "[\n" + ",\n".join(json.dumps(c, ensure_ascii=False) for c in captions) + "\n]\n"
+        _write_atomic(os.path.join(out, "captions.json"), lambda f: f.write(text.encode()))
     meta = {"format": FORMAT, "vae": plan["vae"], "vae_ckpt": plan["vae_ckpt"],
             "scale_factor": plan["scale_factor"], "image_size": plan["image_size"], "latent_shape": latent_shape,
             "count": len(labels), "skipped": len(skipped), "skipped_files": skipped,
             "num_classes": len(plan["class_names"]), "class_names": plan["class_names"],
+            "captioned": captioned, "num_captions": sum(map(len, captions)),
             "layout": "(n, [as is, flipped], [mean, logvar] or [pixels], C, h, w), unscaled", "dtype": "float16",
             "moments": k_moments, "precision": plan["precision"], "data_path": plan["data_path"], "shards": shards}
     _write_json(os.path.join(out, "meta.json"), meta)
@@ -201,13 +279,20 @@ def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_siz
         if image_size % model.downsample:
             raise ExtractionError(f"--image-size {image_size}: must be a multiple of {model.downsample} "
                                   f"for --vae {vae}")
-        paths, labels, class_names = list_images(data_path)
+        captions = metadata_sha1 = None
+        if os.path.exists(os.path.join(data_path, "metadata.jsonl")):  # captions, no classes
+            paths, captions, metadata_sha1 = list_captioned(data_path)
+            labels, class_names = [0] * len(paths), []
+        else:
+            paths, labels, class_names = list_images(data_path)
         root = os.path.abspath(data_path)
         plan = {"format": FORMAT, "vae": vae, "scale_factor": model.scale_factor,
                 "vae_ckpt": vae_ckpt if vae_ckpt in (None, "random") else os.path.abspath(vae_ckpt),
                 "image_size": image_size, "precision": precision, "shard_size": shard_size,
                 "data_path": root, "num_files": len(paths), "class_names": class_names,
                 "files_sha1": hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode()).hexdigest()}
+        if captions is not None:  # changed captions are a different extraction (class folders' plan as before)
+            plan["metadata_sha1"] = metadata_sha1
         action = _check_out(out, plan, overwrite)  # every rank checks, so every rank raises alike
         _barrier(world)
         if rank == 0:
@@ -237,7 +322,7 @@ def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_siz
         for (k, indices), (pixels, errors) in zip(batches, loader):
             if shard is None or shard["k"] != k:
                 begin, end = bounds(k)
-                shard = {"k": k, "end": end, "labels": [], "skipped": [],
+                shard = {"k": k, "end": end, "labels": [], "skipped": [], "captions": [],
                          "moments": np.empty((end - begin, 2, k_moments, *latent_shape), dtype=np.float16)}
             ok = torch.tensor([not e for e in errors])
             for i, e in zip(indices, errors):
@@ -254,12 +339,15 @@ def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_siz
                 n_done = len(shard["labels"])
                 shard["moments"][n_done:n_done + len(m)] = m.cpu().numpy()
                 shard["labels"] += [labels[i] for i, e in zip(indices, errors) if not e]
+                if captions is not None:  # an unreadable image's captions go with it
+                    shard["captions"] += [captions[i] for i, e in zip(indices, errors) if not e]
             bar.update(len(indices))
             if indices[-1] == shard["end"] - 1:  # the shard's last batch: write it, data first, marker last
                 name = os.path.join(out, _shard_name(k))
                 moments = shard["moments"][:len(shard["labels"])]
                 _write_atomic(name + ".npy", lambda f: np.save(f, moments))
-                _write_json(name + ".json", {"labels": shard["labels"], "skipped": shard["skipped"]})
+                info = {"labels": shard["labels"], "skipped": shard["skipped"]}
+                _write_json(name + ".json", info if captions is None else {**info, "captions": shard["captions"]})
         bar.close()
         _barrier(world)
         meta = _finalize(out, plan, num_shards, latent_shape, k_moments) if rank == 0 else None
@@ -270,7 +358,9 @@ def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_siz
         seconds = time.time() - start
         encoded = sum(bounds(k)[1] - bounds(k)[0] for k in todo)
         if rank == 0:
-            print(f"{out}: {meta['count']} images of {meta['num_classes']} classes, {meta['skipped']} skipped, "
+            what = (f"{meta['count']} images with {meta['num_captions']} captions" if meta["captioned"]
+                    else f"{meta['count']} images of {meta['num_classes']} classes")
+            print(f"{out}: {what}, {meta['skipped']} skipped, "
                   f"latents {tuple(latent_shape)} x 2 flips; this run: {encoded} images in {seconds:.1f}s "
                   f"({encoded / max(seconds, 1e-9):.3g} images/s, {world} process(es) on {device.type})")
         return {**meta, "seconds": seconds, "images_per_s": encoded / max(seconds, 1e-9)}
@@ -283,9 +373,13 @@ def extract(data_path, out, vae="none", vae_ckpt=None, image_size=256, batch_siz
 class LatentData:
     """An extraction opened for training: shards are memory-mapped, so ImageNet-size data stays on disk.
 
-    batch(indices, generator) -> (latents (B, C, h, w) float32 ALREADY times scale_factor, labels (B,)):
-    per example a random flip and a posterior sample z = mean + exp(logvar / 2) * eps (pixels as is for
-    --vae none); all randomness from `generator`.
+    batch(indices, generator, flip=True) -> (latents (B, C, h, w) float32 ALREADY times scale_factor,
+    labels (B,)): per example a random flip and a posterior sample z = mean + exp(logvar / 2) * eps (pixels
+    as is for --vae none); all randomness from `generator`. flip=False always takes the unflipped copy (for
+    captions that say left or right); the flip bits are drawn all the same, so the generator's stream, and
+    eps, are those of flip=True.
+    captions: for captioned data (meta["captioned"]) a list, per image in index order, of its caption
+    strings; None for class folders.
     """
 
     def __init__(self, path):
@@ -309,22 +403,33 @@ class LatentData:
         if len(self.labels) != self.offsets[-1] or self.offsets[-1] != self.meta["count"]:
             raise ValueError(f"latent data {path}: {len(self.labels)} labels, {self.offsets[-1]} latents in the "
                              f"shards and a count of {self.meta['count']} in meta.json; they should be equal")
+        self.captions = None
+        if self.meta.get("captioned"):  # older extractions lack the key: class folders
+            captions_path = os.path.join(path, "captions.json")
+            if not os.path.exists(captions_path):
+                raise ValueError(f"latent data {path}: meta.json says captioned but {captions_path} is missing")
+            with open(captions_path, encoding="utf-8") as f:
+                self.captions = json.load(f)
+            if len(self.captions) != self.meta["count"]:
+                raise ValueError(f"latent data {captions_path}: captions for {len(self.captions)} images, but a "
+                                 f"count of {self.meta['count']} in meta.json; they should be equal")
 
     def __len__(self):
         return len(self.labels)
 
-    def batch(self, indices, generator):
+    def batch(self, indices, generator, flip=True):
         idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)  # (B,)
         if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"LatentData.batch: indices must lie in [0, {len(self)}), got {idx.min()}..{idx.max()}")
-        flip = torch.randint(0, 2, (len(idx),), generator=generator).numpy()
+        flips = torch.randint(0, 2, (len(idx),), generator=generator).numpy()  # drawn even if unused: same stream
+        flips = flips if flip else np.zeros_like(flips)
         idx_np = idx.numpy()
         shard = np.searchsorted(self.offsets, idx_np, side="right") - 1
         moments = np.empty((len(idx), *self.shards[0].shape[2:]), dtype=np.float16)  # (B, K, C, h, w)
         for k in np.unique(shard):
             pos = np.nonzero(shard == k)[0]
             pos = pos[np.argsort(idx_np[pos], kind="stable")]  # ascending reads from the memory map
-            moments[pos] = self.shards[k][idx_np[pos] - self.offsets[k], flip[pos]]
+            moments[pos] = self.shards[k][idx_np[pos] - self.offsets[k], flips[pos]]
         m = torch.from_numpy(moments).float()
         if self.vae == "none":
             z = m[:, 0]

@@ -69,7 +69,7 @@ def token_order(n, height, width, kind, generator, block=2):
     return order.expand(n, L).clone()
 
 
-def causal_mask(clean_steps, noisy_steps, num_cond):
+def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_after=None, text_sees_noisy=False):
     """Generalized causal mask (True = may attend) for the sequence [cond | clean | noisy].
 
     clean_steps (N, Lx), noisy_steps (N, L): the AR step of each clean and noisy token. With SPEC.md Sec. 2:
@@ -91,17 +91,44 @@ def causal_mask(clean_steps, noisy_steps, num_cond):
         2  x x x x x . . . . x x x
         2  x x x x x . . . . x x x
         2  x x x x x . . . . x x x
+
+    Text (paper Sec. 6): with text_lengths (N,) the cond segment is a text of num_cond slots, the first
+    text_lengths of them real ([bos, ..., eos]) and the rest padding that no other token sees. Text is causal.
+    text_after (N,) bool picks each sample's order: False = text first (text-to-image: every image token sees
+    the real text, the text sees no image), True = image first (captioning: the image sees no text, which makes
+    its loss the unconditional one of CFG; the text sees every clean image token, or with text_sees_noisy
+    every noisy one, as in Transfusion). Example: 3 text slots (2 real: t t, 1 pad: p), steps of sizes 1, 2,
+    all clean tokens; text first on the left, image first on the right:
+
+           t t p 0 1 1 0 1 1                   t t p 0 1 1 0 1 1
+        t  x . . . . . . . .                t  x . . x x x . . .
+        t  x x . . . . . . .                t  x x . x x x . . .
+        p  x x x . . . . . .                p  x x x x x x . . .
+        0  x x . x . . . . .                0  . . . x . . . . .
+        1  x x . x x x . . .                1  . . . x x x . . .
+        1  x x . x x x . . .                1  . . . x x x . . .
+        0  x x . . . . x . .                0  . . . . . . x . .
+        1  x x . x . . . x x                1  . . . x . . . x x
+        1  x x . x . . . x x                1  . . . x . . . x x
     Returns (N, Lc + Lx + L, Lc + Lx + L) bool."""
-    n = noisy_steps.shape[0]
+    n, device = noisy_steps.shape[0], noisy_steps.device
     big = noisy_steps.new_full((n, num_cond), -1)
     step = torch.cat([big, clean_steps, noisy_steps], 1)  # (N, T)
     kind = torch.cat([torch.zeros(num_cond), torch.ones(clean_steps.shape[1]), torch.full((noisy_steps.shape[1],), 2)])
-    kind = kind.to(noisy_steps.device)
+    kind = kind.to(device)
     q_step, k_step = step[:, :, None], step[:, None, :]  # (N, T, 1), (N, 1, T)
     q_kind, k_kind = kind[None, :, None], kind[None, None, :]  # (1, T, 1), (1, 1, T)
     clean_key = (k_kind == 1) & (((q_kind == 1) & (k_step <= q_step)) | ((q_kind == 2) & (k_step < q_step)))
     noisy_key = (k_kind == 2) & (q_kind == 2) & (k_step == q_step)
-    return (k_kind == 0) | clean_key | noisy_key  # (N, T, T)
+    if text_lengths is None:
+        return (k_kind == 0) | clean_key | noisy_key  # (N, T, T)
+    index = torch.arange(len(kind), device=device)
+    q_index, k_index = index[None, :, None], index[None, None, :]  # (1, T, 1), (1, 1, T)
+    after = text_after.to(device)[:, None, None]  # (N, 1, 1)
+    text_causal = (q_kind == 0) & (k_kind == 0) & (k_index <= q_index)
+    image_sees_text = (q_kind > 0) & (k_kind == 0) & (k_index < text_lengths.to(device)[:, None, None]) & ~after
+    text_sees_image = (q_kind == 0) & (k_kind == (2 if text_sees_noisy else 1)) & after
+    return text_causal | image_sees_text | text_sees_image | clean_key | noisy_key  # (N, T, T)
 
 
 def ar_weights(step_ids, lam):

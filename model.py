@@ -5,6 +5,10 @@ clean tokens carry the finished AR steps, and noisy tokens (with the timestep em
 denoised; the generalized causal mask (mask.py) keeps each AR step from seeing later ones. The model
 only predicts epsilon for the noisy tokens: noising, losses and samplers live in diffusion.py.
 
+The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the cond segment instead of class tokens:
+text embedding plus a learnable text position embedding, the same blocks, and a next-token head. Where the
+text stands (before or after the image) is a matter of the mask only, so the layout stays static.
+
 Parameter names are the authors', so their checkpoints load with strict=True.
 """
 import math
@@ -99,7 +103,7 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
         if kv is not None:
-            # write this call's keys after the cached ones; only KVCache.advance makes them permanent
+            # write this call's keys after the cached ones; they stay only if the caller advances cache.length
             k_cache, v_cache = kv  # (N, H, M, hd)
             k_cache[:, :, kv_len:kv_len + length] = k
             v_cache[:, :, kv_len:kv_len + length] = v
@@ -141,6 +145,18 @@ class KVCache:
         self.layers = [(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
                        for _ in range(num_layers)]
         self.length, self.max_len = 0, max_len
+        self.visible = None  # (N, max_len) bool once a text is cached: the cached tokens later ones may see
+
+    def attn_mask(self, k, among=None):
+        """(N, 1, k, length + k) mask of k new tokens against the cache and among themselves (among (k, k), None =
+        all), or None where every token may see every other (the class-conditional path: no mask at all)."""
+        if self.visible is None and among is None:
+            return None
+        n, device = self.layers[0][0].shape[0], self.layers[0][0].device
+        cached = (self.visible[:, :self.length] if self.visible is not None
+                  else torch.ones(n, self.length, dtype=torch.bool, device=device))
+        among = torch.ones(k, k, dtype=torch.bool, device=device) if among is None else among
+        return torch.cat([cached[:, None].expand(n, k, -1), among.expand(n, k, k)], 2)[:, None]  # (N, 1, k, len + k)
 
     def check_room(self, n):
         if self.length + n > self.max_len:
@@ -149,7 +165,8 @@ class KVCache:
 
 class CausalFusion(nn.Module):
     def __init__(self, size=None, hidden_size=None, depth=None, num_heads=None, input_size=32, patch_size=2,
-                 in_channels=4, num_classes=1000, num_cond_tokens=4, cond_repeat=1, learn_pos=False, mlp_ratio=4.0):
+                 in_channels=4, num_classes=1000, num_cond_tokens=4, cond_repeat=1, learn_pos=False, mlp_ratio=4.0,
+                 text_vocab=0, text_len=0, text_sees_noisy=False):
         super().__init__()
         if size is not None:
             if size not in SIZES:
@@ -162,20 +179,32 @@ class CausalFusion(nn.Module):
                            patch_size=patch_size, in_channels=in_channels, num_classes=num_classes,
                            num_cond_tokens=num_cond_tokens, cond_repeat=cond_repeat, learn_pos=learn_pos,
                            mlp_ratio=mlp_ratio)
+        if text_vocab:  # the multimodal model; the class-conditional config (and checkpoints) stay as they were
+            self.config.update(text_vocab=text_vocab, text_len=text_len, text_sees_noisy=text_sees_noisy)
+            num_cond_tokens = text_len
         self.patch_size, self.in_channels, self.input_size = patch_size, in_channels, input_size
         self.num_classes, self.num_cond_tokens, self.num_heads = num_classes, num_cond_tokens, num_heads
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size ** 2
         self.token_dim = patch_size * patch_size * in_channels
         self.grad_checkpointing = False
+        self.text_vocab, self.text_sees_noisy = text_vocab, text_sees_noisy
 
         self.x_proj = nn.Linear(self.token_dim, hidden_size)  # shared by clean and noisy tokens
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, num_cond_tokens, cond_repeat)
+        if text_vocab:  # (registered in the class-conditional model's order: its parameters keep their order)
+            self.text_embedder = nn.Embedding(text_vocab, hidden_size)
+        else:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size, num_cond_tokens, cond_repeat)
         self.pos_embed = nn.Parameter(sincos_pos_embed(hidden_size, self.grid_size), requires_grad=learn_pos)
-        self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
+        if text_vocab:
+            self.text_pos_embed = nn.Parameter(torch.zeros(1, text_len, hidden_size))  # learnable (Table 11)
+        else:
+            self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, self.token_dim))
+        if text_vocab:
+            self.text_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, text_vocab))
         self.initialize_weights()
 
     @property
@@ -189,8 +218,12 @@ class CausalFusion(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.cond_pos_embed, std=0.02)
+        if self.text_vocab:
+            nn.init.normal_(self.text_embedder.weight, std=0.02)
+            nn.init.normal_(self.text_pos_embed, std=0.02)
+        else:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+            nn.init.normal_(self.cond_pos_embed, std=0.02)
         for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
             nn.init.normal_(layer.weight, std=0.02)
         nn.init.zeros_(self.final_layer[1].weight)  # predict zero noise at the start
@@ -198,6 +231,10 @@ class CausalFusion(nn.Module):
 
     def embed_cond(self, y):
         return self.y_embedder(y) + self.cond_pos_embed  # (N, Lc, D)
+
+    def embed_text(self, text, start=0):
+        """Text ids (N, k) at text positions start..start+k-1."""
+        return self.text_embedder(text) + self.text_pos_embed[:, start:start + text.shape[1]]  # (N, k, D)
 
     def embed_tokens(self, tokens, pos, t=None):
         """Image tokens (N, k, P) at image positions pos (N, k), plus the timestep embedding for noisy ones."""
@@ -207,21 +244,24 @@ class CausalFusion(nn.Module):
             h = h + (temb[:, None] if temb.dim() == 2 else temb)
         return h
 
-    def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None):
-        """Training forward over [cond | clean | noisy]; returns eps predictions for the noisy tokens.
+    def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None, text=None):
+        """Training forward over [cond | clean | noisy]; returns eps predictions for the noisy tokens, and with
+        a text also the next-token logits (N, Lt, V) of every text position.
 
         clean (N, Lx, P) and noisy (N, L, P) are in AR order; pos (N, L) is the image position of each noisy
-        token and clean_pos (default pos[:, :Lx]) that of each clean one; t is (N,) or (N, L); y (N,);
-        attn_mask (N, T, T) bool from mask.causal_mask, True = may attend."""
+        token and clean_pos (default pos[:, :Lx]) that of each clean one; t is (N,) or (N, L); y (N,) labels,
+        or text (N, Lt) ids in their place; attn_mask (N, T, T) bool from mask.causal_mask, True = may attend."""
         clean_pos = pos[:, :clean.shape[1]] if clean_pos is None else clean_pos
-        h = torch.cat([self.embed_cond(y), self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t)], 1)
+        cond = self.embed_cond(y) if text is None else self.embed_text(text)
+        h = torch.cat([cond, self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t)], 1)
         attn_mask = attn_mask[:, None]  # (N, 1, T, T): one mask for all heads
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
                 h = checkpoint(block, h, attn_mask, use_reentrant=False)
             else:
                 h = block(h, attn_mask)
-        return self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
+        eps = self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
+        return eps if text is None else (eps, self.text_head(h[:, :text.shape[1]]))
 
     # ---- inference through a KV cache (sample.py) ----
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
@@ -229,12 +269,18 @@ class CausalFusion(nn.Module):
         return KVCache(len(self.blocks), batch, self.num_heads, max_len or self.num_cond_tokens + self.num_tokens,
                        self.x_proj.out_features // self.num_heads, dtype or param.dtype, device or param.device)
 
-    def _run_cached(self, h, cache, keep):
-        cache.check_room(h.shape[1])
+    def _run_cached(self, h, cache, keep, among=None, visible=None):
+        """Run h (N, k, D) against the cache; keep: append its keys and values for good, with `visible` (N, k)
+        (default all) saying which of them later tokens may see. among (k, k): the mask among h's tokens."""
+        k = h.shape[1]
+        cache.check_room(k)
+        attn_mask = cache.attn_mask(k, among)
         for block, kv in zip(self.blocks, cache.layers):
-            h = block(h, kv=kv, kv_len=cache.length)
+            h = block(h, attn_mask, kv=kv, kv_len=cache.length)
         if keep:
-            cache.length += h.shape[1]
+            if cache.visible is not None:
+                cache.visible[:, cache.length:cache.length + k] = True if visible is None else visible
+            cache.length += k
         return h
 
     def prefill(self, cache, y):
@@ -243,9 +289,28 @@ class CausalFusion(nn.Module):
             raise ValueError("prefill needs an empty cache")
         self._run_cached(self.embed_cond(y), cache, keep=True)
 
-    def extend(self, cache, clean, pos):
-        """Append the clean tokens (N, k, P) of a finished AR step at image positions pos (N, k)."""
-        self._run_cached(self.embed_tokens(clean, pos), cache, keep=True)
+    def prefill_text(self, cache, text, lengths):
+        """Put texts (N, Lt) into an empty cache, causal among themselves; only the first lengths (N,) of each
+        will be seen by later tokens (0: no text at all, the unconditional branch of CFG)."""
+        if cache.length:
+            raise ValueError("prefill_text needs an empty cache")
+        k, device = text.shape[1], text.device
+        cache.visible = torch.zeros(text.shape[0], cache.max_len, dtype=torch.bool, device=device)
+        causal = torch.ones(k, k, dtype=torch.bool, device=device).tril()
+        visible = torch.arange(k, device=device) < lengths[:, None]  # (N, Lt)
+        self._run_cached(self.embed_text(text), cache, keep=True, among=causal, visible=visible)
+
+    def extend(self, cache, clean, pos, t=None):
+        """Append the clean tokens (N, k, P) of a finished AR step at image positions pos (N, k); with t (N,),
+        embedded as noisy tokens at that timestep (a Transfusion model reads images so)."""
+        self._run_cached(self.embed_tokens(clean, pos, t), cache, keep=True)
+
+    def next_token_logits(self, cache, text, start):
+        """Append text ids (N, k) at text positions start.. (causal among themselves, seeing the whole cache);
+        returns the next-token logits (N, k, V) of each."""
+        k = text.shape[1]
+        causal = torch.ones(k, k, dtype=torch.bool, device=text.device).tril() if k > 1 else None
+        return self.text_head(self._run_cached(self.embed_text(text, start), cache, keep=True, among=causal))
 
     def denoise(self, cache, noisy, t, pos):
         """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,), seeing the

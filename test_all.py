@@ -53,15 +53,19 @@ def test_config_overrides():
 
 
 # ----------------------------------------------------------------------------------------- mask.py
-def brute_force_mask(num_cond, clean_steps, noisy_steps):
-    """The rules of SPEC.md Sec. 2, one token pair at a time."""
+def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_after=False, sees_noisy=False):
+    """The rules of SPEC.md Sec. 2 and 9, one token pair at a time (a text in the cond slots if text_length)."""
     kinds = ["cond"] * num_cond + ["clean"] * len(clean_steps) + ["noisy"] * len(noisy_steps)
     steps = [-1] * num_cond + list(clean_steps) + list(noisy_steps)
     n = len(kinds)
     out = torch.zeros(n, n, dtype=torch.bool)
     for q in range(n):
         for k in range(n):
-            if kinds[k] == "cond":
+            if text_length is not None and kinds[q] == "cond":  # a text token: earlier text, maybe the image
+                ok = k <= q if kinds[k] == "cond" else text_after and kinds[k] == ("noisy" if sees_noisy else "clean")
+            elif text_length is not None and kinds[k] == "cond":  # an image token looking at the text
+                ok = not text_after and k < text_length
+            elif kinds[k] == "cond":
                 ok = True
             elif kinds[q] == "cond":
                 ok = False
@@ -105,6 +109,22 @@ def test_mask_vs_brute_force():
                 clean = noisy if static else noisy[noisy < num_steps[b] - 1]
                 got = mask.causal_mask(clean[None], noisy[None], num_cond=3)[0]
                 assert torch.equal(got, brute_force_mask(3, clean.tolist(), noisy.tolist())), (L, b, static)
+
+
+def test_mask_with_text_vs_brute_force():
+    g = torch.Generator().manual_seed(1)
+    for L, Lt in ((1, 1), (5, 3), (16, 7)):
+        num_steps = mask.sample_num_steps(6, L, 0.9, g)
+        steps = mask.sample_step_ids(num_steps, L, g)
+        lengths = torch.randint(1, Lt + 1, (6,), generator=g)
+        after = torch.tensor([False, True] * 3)
+        for clean_len in (L, 0):  # the static layout, and no clean tokens at all (single-step models)
+            for noisy in (False, True):
+                got = mask.causal_mask(steps[:, :clean_len], steps, Lt, lengths, after, text_sees_noisy=noisy)
+                for b in range(6):
+                    ref = brute_force_mask(Lt, steps[b, :clean_len].tolist(), steps[b].tolist(), int(lengths[b]),
+                                           bool(after[b]), noisy)
+                    assert torch.equal(got[b], ref), (L, Lt, b, clean_len, noisy)
 
 
 def test_num_steps_distribution():
@@ -165,7 +185,7 @@ def _training_inputs(model, n, num_steps, g):
     order = mask.token_order(n, model.grid_size, model.grid_size, "random", g)
     steps = mask.sample_step_ids(num_steps, L, g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    y = torch.randint(0, model.num_classes, (n,), generator=g)
+    y = torch.randint(0, max(model.num_classes, 1), (n,), generator=g)  # (unused by a text model)
     return clean, noisy, order, steps, t, y
 
 
@@ -209,6 +229,73 @@ def test_kv_cache_matches_forward_ar_mode():
 
 def test_kv_cache_repeated_class_tokens_and_learned_pos():
     _check_cache_matches_forward(tiny_model(num_cond_tokens=8, cond_repeat=4, learn_pos=True), [6, 10])
+
+
+def tiny_text_model(**kw):
+    return tiny_model(num_classes=0, text_vocab=40, text_len=6, **kw)
+
+
+def _text_inputs(model, n, g):
+    text = torch.randint(0, model.text_vocab, (n, model.num_cond_tokens), generator=g)
+    return text, torch.randint(1, model.num_cond_tokens + 1, (n,), generator=g)
+
+
+def test_kv_cache_text_to_image_matches_forward():
+    """Text-to-image AR inference through the cache (texts of any length, and the no-text CFG branch) gives the
+    training forward's eps, with the text first (conditional) or the image first (unconditional)."""
+    model = tiny_text_model()
+    g = torch.Generator().manual_seed(6)
+    n, L, sizes = 4, model.num_tokens, [5, 11]
+    clean, noisy, order, _, t, _ = _training_inputs(model, n, torch.full((n,), 2), g)
+    text, lengths = _text_inputs(model, n, g)
+    steps = mask.step_ids_from_sizes(sizes).expand(n, L)
+    with torch.no_grad():
+        ref = {}
+        for after in (False, True):
+            attn = mask.causal_mask(steps, steps, model.num_cond_tokens, lengths, torch.full((n,), after))
+            ref[after] = model(clean, noisy, t, None, order, attn, text=text)[0]
+        assert (ref[False] - ref[True]).abs().max() > 1e-3  # the text matters
+        rep = lambda a: torch.cat([a, a])
+        cache = model.new_cache(2 * n)
+        model.prefill_text(cache, rep(text), torch.cat([lengths, torch.zeros_like(lengths)]))
+        start, got = 0, []
+        for size in sizes:
+            sl = slice(start, start + size)
+            got.append(model.denoise(cache, rep(noisy[:, sl]), rep(t), rep(order[:, sl])))
+            model.extend(cache, rep(clean[:, sl]), rep(order[:, sl]))
+            start += size
+        got = torch.cat(got, 1)
+    for after, half in ((False, got[:n]), (True, got[n:])):
+        assert (half - ref[after]).abs().max() < 1e-5 * max(1.0, ref[after].abs().max().item()), after
+
+
+def test_cached_text_decoding_matches_forward_logits():
+    """Captioning: the clean image enters the cache once, then the text one token at a time (and a few at a time)
+    gives the training forward's next-token logits, image first; Transfusion reads the image as noisy at t = 0."""
+    for sees_noisy in (False, True):
+        model = tiny_text_model(text_sees_noisy=sees_noisy)
+        torch.nn.init.normal_(model.text_head[1].weight, std=0.5)
+        g = torch.Generator().manual_seed(7)
+        n, L = 3, model.num_tokens
+        clean, _, order, _, _, _ = _training_inputs(model, n, torch.ones(n, dtype=torch.long), g)
+        text, _ = _text_inputs(model, n, g)
+        Lt = text.shape[1]
+        steps = torch.zeros(n, L, dtype=torch.long)  # one AR step: every clean token sees every other
+        t0 = torch.zeros(n, dtype=torch.long)
+        with torch.no_grad():
+            attn = mask.causal_mask(steps, steps, Lt, torch.full((n,), Lt), torch.ones(n, dtype=torch.bool),
+                                    text_sees_noisy=sees_noisy)
+            noisy = clean if sees_noisy else torch.randn(clean.shape, generator=g)
+            ref = model(clean, noisy, t0, None, order, attn, text=text)[1]  # (N, Lt, V)
+            for chunks in ([1] * Lt, [2, Lt - 2]):
+                cache = model.new_cache(n, L + Lt)
+                model.extend(cache, clean, order, t0 if sees_noisy else None)
+                got, start = [], 0
+                for k in chunks:
+                    got.append(model.next_token_logits(cache, text[:, start:start + k], start))
+                    start += k
+                got = torch.cat(got, 1)
+                assert (got - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item()), (sees_noisy, chunks)
 
 
 def test_paper_layout_equals_static_layout():
@@ -344,6 +431,11 @@ def test_bench_runs_both_benchmarks():
     assert list(report["sample"]) == [f"cfg {c} S={s}" for c in ("1", "1.5") for s in (1, 4, 16)]
     for run, r in report["sample"].items():
         assert math.isclose(r["images_per_s"] * r["seconds"], 4) and (r["vs_S1"] == 1) == run.endswith("S=1")
+    # the text-segment benchmark: train.py's step with and without a text
+    report = bench.main(["--what", "text", "--input-size", "8", "--batch-size", "4", "--repeats", "1", "--warmup",
+                         "1", "--text-len", "6", "--text-vocab", "300"])
+    assert set(report) == {"text"} and set(report["text"]) == {"class", "text"}
+    assert all(r["steps_per_s"] > 0 for r in report["text"].values())
 
 
 # ------------------------------------------------------------------------------------ diffusion.py

@@ -1,6 +1,9 @@
 """Tests of sample.py: determinism, AR mode against a sampler without the KV cache, an overfit tiny model's AR
-samples, zero-shot editing, both checkpoint layouts, the FID npz and torchrun. Run by test_all.py."""
+samples, zero-shot editing, both checkpoint layouts, the FID npz and torchrun; for text models, text-to-image
+against a sampler without the cache, an overfit text model's images and captions, and the command line.
+Run by test_all.py."""
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +15,7 @@ from PIL import Image
 
 import mask
 import sample
+import tokenizer as text_lib
 from diffusion import Diffusion
 from model import CausalFusion, patchify
 from test_all import _authors_state_dict
@@ -81,24 +85,34 @@ def nearest_template(images):
 
 
 def reference_tokens(model, labels, batch_seed, steps, ar_steps=1, split="equal", order="random", cfg_scale=1.0,
-                     cfg_interval=(0, 1000)):
+                     cfg_interval=(0, 1000), text=None, text_lengths=None):
     """sample_batch without the KV cache: every eps is a full model.forward over [cond | clean tokens of the
-    finished AR steps | noisy tokens of this step] under the generalized causal mask; same random draws."""
-    n, L, P = len(labels), model.num_tokens, model.token_dim
+    finished AR steps | noisy tokens of this step] under the generalized causal mask; same random draws.
+    A text model's CFG branch is the image-first layout (the image sees no text)."""
+    n, L, P = len(labels if text is None else text), model.num_tokens, model.token_dim
     g = torch.Generator().manual_seed(batch_seed)
     pos, sizes = sample.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
     ids = mask.step_ids_from_sizes(sizes).expand(n, L)
-    y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 else labels
+    y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 and text is None else labels
     rep = lambda a, b: a.repeat(b // n, *[1] * (a.dim() - 1))  # (N, ...) -> (b, ...), cond half first
+    after = torch.arange(2 * n) >= n  # the unconditional half puts its image first
     diffusion, clean, start = Diffusion(steps), torch.zeros(n, 0, P), 0
     out = torch.zeros(n, L, P)
     with torch.no_grad():
         for size in sizes:
             sl = slice(start, start + size)
-            attn = mask.causal_mask(ids[:, :start], ids[:, sl], model.num_cond_tokens)
-            eps_fn = lambda x, t: model(rep(clean, len(x)), x, torch.full((len(x),), t), y, rep(pos[:, sl], len(x)),
-                                        rep(attn, len(x)), clean_pos=rep(pos[:, :start], len(x)))
+            if text is None:
+                attn = mask.causal_mask(ids[:, :start], ids[:, sl], model.num_cond_tokens)
+                eps_fn = lambda x, t: model(rep(clean, len(x)), x, torch.full((len(x),), t), y, rep(pos[:, sl], len(x)),
+                                            rep(attn, len(x)), clean_pos=rep(pos[:, :start], len(x)))
+            else:
+                def eps_fn(x, t, start=start, sl=sl):
+                    b = len(x)
+                    attn = mask.causal_mask(rep(ids[:, :start], b), rep(ids[:, sl], b), model.num_cond_tokens,
+                                            rep(text_lengths, b), after[:b])
+                    return model(rep(clean, b), x, torch.full((b,), t), None, rep(pos[:, sl], b), attn,
+                                 clean_pos=rep(pos[:, :start], b), text=rep(text, b))[0]
             x = diffusion.sample(eps_fn, torch.randn(n, size, P, generator=noise), noise, cfg_scale, cfg_interval)
             clean = torch.cat([clean, x], 1)
             out.scatter_(1, pos[:, sl, None].expand_as(x), x)
@@ -267,3 +281,107 @@ def test_npz_and_torchrun_match():
     assert a["arr_0"].shape == (5, 8, 8, 3) and a["arr_0"].dtype == np.uint8 and a["labels"].shape == (5,)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert sorted(os.listdir(os.path.join(TMP.name, "two"))) == ["grid.png"]  # no rank files left behind
+
+
+# ------------------------------------------------------------------------------------------ text models
+WORDS = ["red", "blue", "top half", "left half"]  # the captions of the 4 templates
+
+
+def save_text_ckpt(model, path, tokenizer):
+    sd = model.state_dict()
+    data = dict(vae="none", scale_factor=1.0, latent_shape=[3, 8, 8], image_size=8, num_classes=0, class_names=[])
+    torch.save(dict(model=sd, ema=sd, step=0, config={}, model_config=model.config, data=data,
+                    tokenizer=tokenizer.state()), path)
+    return path
+
+
+def text_model(path_name="text.pt", **kw):
+    """Untrained tiny text model (byte tokenizer, 12 text tokens, random heads) and its checkpoint."""
+    tok = text_lib.ByteTokenizer()
+    torch.manual_seed(0)
+    model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=3, num_classes=0, text_vocab=tok.vocab_size,
+                         text_len=12, **kw)
+    torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
+    return model.eval(), save_text_ckpt(model, os.path.join(TMP.name, path_name), tok), tok
+
+
+def overfit_text_model():
+    """A tiny text model trained (~20 s, train.py's loss) on the 4 templates, captioned by WORDS, half of the
+    examples text-first (text-to-image), half image-first (captioning, and the unconditional image loss)."""
+    path = os.path.join(TMP.name, "overfit_text.pt")
+    tok = text_lib.ByteTokenizer()
+    if not os.path.exists(path):
+        from train import forward_losses
+        torch.manual_seed(0)
+        model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
+                             num_classes=0, text_vocab=tok.vocab_size, text_len=12)
+        diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+        cfg = dict(transfusion=False, gamma=0.9, ar_lambda=2.0, text_loss_weight=0.1)
+        for _ in range(400):
+            k = torch.randint(4, (n,), generator=g)
+            order = mask.token_order(n, 4, 4, "random", g)
+            steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
+            text, lengths, _ = text_lib.tokenize(tok, [WORDS[i] for i in k], 12)
+            b = dict(clean=patchify(templates()[k], 2).gather(1, order[..., None].expand(n, L, 12)), y=None,
+                     noise=torch.randn(n, L, 12, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
+                     order=order, steps=steps, text=text, text_len=lengths, text_after=torch.rand(n, generator=g) < 0.5)
+            loss = forward_losses(model, model, diffusion, b, cfg)[0]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        save_text_ckpt(model, path, tok)
+    return sample.load_checkpoint(path)[0], path, tok
+
+
+def test_text_to_image_matches_full_recompute():
+    # the text in the KV cache (prompts of different lengths; CFG's no-text half) gives what recomputing the
+    # whole [text | clean | noisy] sequence under the mask gives, in diffusion and AR mode
+    model, _, tok = text_model()
+    text, lengths, _ = text_lib.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
+    for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
+        got = sample.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
+        assert_close(got, reference_tokens(model, None, 3, 6, text=text, text_lengths=lengths, **kw))
+
+
+def test_overfit_text_model_generates_and_captions():
+    model, path, tok = overfit_text_model()
+    vae = build_vae("none")
+    images, prompts, _ = sample.sample_images(model, vae, 1.0, 8, steps=30, seed=1, prompts=WORDS, tokenizer=tok,
+                                              ar_steps=4, cfg_scale=2.0)
+    assert list(prompts) == WORDS * 2
+    assert (nearest_template(images) == np.arange(8) % 4).mean() >= 0.75, nearest_template(images)
+    tokens = patchify(templates(), 2)  # the clean images, (4, 16, 12)
+    assert sample.caption_images(model, tokens, tok) == WORDS
+    sampled = sample.caption_images(model, tokens, tok, temperature=1.0, top_k=1, generator=torch.Generator())
+    assert sampled == WORDS  # top-1 sampling is greedy
+
+
+def test_text_model_command_line():
+    model, path, tok = overfit_text_model()
+    out = os.path.join(TMP.name, "t2i.npz")
+    run_cli("--ckpt", path, "--prompts", "red", "blue", "--num-samples", "3", "--steps", "4", "--ar-steps", "2",
+            "--cfg-scale", "2", "--out", out)
+    saved = np.load(out)
+    assert saved["arr_0"].shape == (3, 8, 8, 3) and saved["prompts"].tolist() == ["red", "blue", "red"]
+    # captions of an npz (integer sources), of a folder (file names) and of one image
+    images = ((templates().permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
+    np.savez(os.path.join(TMP.name, "four.npz"), arr_0=images)
+    folder = os.path.join(TMP.name, "four")
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
+    for src, sources in (("four.npz", [0, 1, 2, 3]), ("four", ["0.png", "1.png", "2.png", "3.png"])):
+        jsonl = os.path.join(TMP.name, f"{src}.jsonl")
+        run_cli("--ckpt", path, "--caption", os.path.join(TMP.name, src), "--out", jsonl)
+        rows = [json.loads(line) for line in open(jsonl)]
+        assert rows == [{"source": s, "text": w} for s, w in zip(sources, WORDS)], rows
+    assert "2.png: top half" in run_cli("--ckpt", path, "--caption", os.path.join(folder, "2.png"))
+    # mismatches are errors that say what to do
+    _, class_ckpt = random_model()
+    for args, expected in ((["--ckpt", class_ckpt, "--prompts", "red"], "class-conditional"),
+                           (["--ckpt", path], "--prompts"),
+                           (["--ckpt", path, "--caption", folder, "--out", "x.npz"], ".jsonl")):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], cwd=TMP.name,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

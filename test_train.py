@@ -3,6 +3,7 @@
 Tiny runs on 8x8-pixel shapes (16 tokens), each in its own temporary directory; the DDP test launches
 `torchrun --nproc_per_node=2` (gloo, CPU) in a subprocess.
 """
+import json
 import os
 import re
 import subprocess
@@ -14,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import shapes
+import tokenizer as text_lib
 import train
 from extract_latents import LatentData, extract
 from model import patchify
@@ -26,7 +29,7 @@ TINY = ["--size", "T", "--patch-size", "2", "--num-cond-tokens", "4", "--batch-s
 
 def _tiny_data(root, size=8, per_class=4):
     """The demo's shapes at `size` pixels, extracted in pixel space; returns the extraction directory."""
-    images, labels = train.draw_shapes(per_class, size, seed=0)
+    images, labels = shapes.draw_shapes(per_class, size, seed=0)
     for i, (image, label) in enumerate(zip(images, labels)):
         os.makedirs(os.path.join(root, "images", str(label)), exist_ok=True)
         Image.fromarray(image).save(os.path.join(root, "images", str(label), f"{i}.png"))
@@ -53,7 +56,8 @@ def test_micro_batch_draws():
         model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, per_step_t=True, class_dropout=0.5)
         idx = train.step_indices(0, 16, len(data), seed=0)
-        clean, noise, t, y, order, steps = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000)
+        b = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000)
+        clean, noise, t, y, order, steps = (b[k] for k in ("clean", "noise", "t", "y", "order", "steps"))
         assert clean.shape == noise.shape == (16, 16, 12) and t.shape == steps.shape == order.shape == (16, 16)
         # clean tokens: the latents drawn by LatentData.batch with the same stream, in each sample's AR order
         x, labels = data.batch(idx, train.seeded(0, 1, 0, 0))
@@ -122,14 +126,14 @@ def test_resume_after_kill_while_saving_reproduces_straight_run():
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint():
     with tempfile.TemporaryDirectory() as tmp:
-        out, real_loss, calls = os.path.join(tmp, "run"), train.Diffusion.training_loss, []
+        out, real_losses, calls = os.path.join(tmp, "run"), train.forward_losses, []
 
-        def loss_nan_at_step_3(self, *a, **kw):
+        def loss_nan_at_step_3(*a, **kw):
             calls.append(1)
-            loss = real_loss(self, *a, **kw)
-            return loss * float("nan") if len(calls) == 3 else loss
+            losses = real_losses(*a, **kw)
+            return tuple(x * float("nan") if len(calls) == 3 and x is not None else x for x in losses)
 
-        train.Diffusion.training_loss = loss_nan_at_step_3
+        train.forward_losses = loss_nan_at_step_3
         try:
             # read back at step 4 (a checkpoint step, not a log step): named as step 3, and nothing saved
             train.main(TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2", "--log-every", "10", "--max-steps",
@@ -138,7 +142,7 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint():
         except FloatingPointError as e:
             assert "step 3" in str(e) and "non-finite" in str(e), e
         finally:
-            train.Diffusion.training_loss = real_loss
+            train.forward_losses = real_losses
         ckpt = _load(os.path.join(out, "ckpt.pt"))
         assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -223,3 +227,66 @@ def test_checkpoint_of_other_size_or_latent_shape_is_refused():
             raise AssertionError("an existing run should not be overwritten")
         except FileExistsError as e:
             assert "--resume" in str(e)
+
+
+# ------------------------------------------------------------------------------------------ captioned data
+def _captioned_data(root, size=8, per_class=2):
+    """The demo's shapes with captions ("a circle", or two captions for odd images) in a metadata.jsonl folder,
+    extracted in pixel space; returns the extraction directory."""
+    images, labels = shapes.draw_shapes(per_class, size, seed=0)
+    folder = os.path.join(root, "images")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = list(shapes.SHAPES)[label]
+            Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
+            text = [f"a {name}", f"one {name} only"] if i % 2 else f"a {name}"
+            f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
+    extract(folder, os.path.join(root, "latents"), vae="none", image_size=size, num_workers=0)
+    return os.path.join(root, "latents")
+
+
+def test_captioned_micro_batch_draws():
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_captioned_data(tmp, per_class=4))
+        tok = text_lib.ByteTokenizer()
+        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=0,
+                                   text_vocab=tok.vocab_size, text_len=12)
+        cfg = dict(train.config, text_len=12, flip=False)
+        idx = torch.arange(40)
+        b = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000, tok)
+        assert b["text"].shape == (40, 12) and b["text_len"].shape == b["text_after"].shape == (40,)
+        drawn = []
+        for i in range(40):  # each example's text is one of its image's captions, cut to 12 tokens with BOS, EOS
+            ids = b["text"][i, :b["text_len"][i]].tolist()
+            assert ids[0] == tok.bos and ids[-1] == tok.eos and b["text"][i, b["text_len"][i]:].eq(tok.eos).all()
+            drawn += [c for c in data.captions[i] if c.encode()[:10] == bytes(ids[1:-1])]
+            assert len(drawn) == i + 1, (i, ids, data.captions[i])
+        assert b["truncated"] == sum(len(c) > 10 for c in drawn) > 0
+        assert {c.split()[0] for c in drawn[1::2]} == {"a", "one"}  # odd images have two captions: both drawn
+        assert 0 < b["text_after"].sum() < 12  # 10% caption the image
+        # no flips: the clean tokens are the stored images, unflipped
+        stored = torch.from_numpy(np.concatenate([s[:, 0, 0] for s in data.shards])).float()  # (N, 3, 8, 8)
+        tokens = patchify(stored[idx], 2)
+        assert torch.equal(b["clean"], tokens.gather(1, b["order"][..., None].expand_as(tokens)))
+
+
+def test_captioned_run_resumes_bit_identical_and_logs_both_losses():
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _captioned_data(tmp), "--ckpt-every", "2", "--text-len", "8", "--text-first", "0.5",
+                       "--flip", "false", "--max-steps", "4", "--grid-classes", "2", "--grid-per-class", "2"]
+        straight = train.main(args + ["--out", os.path.join(tmp, "a")])
+        train.main(args[:-6] + ["--max-steps", "2", "--out", os.path.join(tmp, "b")])
+        resumed = train.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+        a, b = _load(os.path.join(tmp, "a", "ckpt.pt")), _load(os.path.join(tmp, "b", "ckpt.pt"))
+        assert b["step"] == 4 and resumed["losses"] == straight["losses"][2:]
+        for key in ("model", "ema", "optimizer"):
+            assert _same_state(a[key], b[key]), key
+        assert a["tokenizer"] == {"kind": "bytes"} and a["model_config"]["text_len"] == 8
+        log = open(os.path.join(tmp, "a", "train.log")).read()
+        assert re.search(r"step 4 \| image loss [0-9.]+ \| text loss [0-9.]+ \| captions cut \d+/32", log), log
+        assert int(re.search(r"captions cut (\d+)/", log).group(1)) > 0  # "a triangle" is 10 bytes: cut
+        assert os.path.exists(os.path.join(tmp, "a", "samples_0000004.png"))
+        # Transfusion: one diffusion step per example, no clean tokens; a checkpoint of another tokenizer is refused
+        summary = train.main(args[:-6] + ["--max-steps", "2", "--transfusion", "--out", os.path.join(tmp, "c")])
+        assert len(summary["losses"]) == 2 and _load(os.path.join(tmp, "c", "ckpt.pt"))["model_config"]["text_sees_noisy"]

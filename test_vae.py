@@ -421,13 +421,178 @@ def test_extract_resume_guard_and_bad_input():
                 assert expected in str(e) and path in str(e), str(e)
 
 
+def _extract_cli(root, out):
+    """python extract_latents.py on root -> out (pixel space, 16 px) in a subprocess."""
+    return subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data-path", root, "--vae",
+                           "none", "--image-size", "16", "--out", out, "--num-workers", "0"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_extract_command_line():
     with tempfile.TemporaryDirectory() as tmp:
         root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
         _make_tree(root)
-        run = subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data-path", root,
-                              "--vae", "none", "--image-size", "16", "--out", out, "--num-workers", "0"],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run = _extract_cli(root, out)
         assert run.returncode == 0, run.stderr
         assert "2 skipped" in run.stdout and "images/s" in run.stdout and "ant/2.jpg" in run.stdout + run.stderr
         assert LatentData(out).meta["count"] == 7
+
+
+def _make_captioned_tree(root):
+    """Drawn images in nested folders listed by metadata.jsonl (not in sorted order; string and list captions,
+    a blank line, an extra key), one of them unreadable. Returns {path: captions} of the readable images in
+    line order and the unreadable path."""
+    files = {"photos/deep/c.png": ((20, 20), "a green ball above a red box"),
+             "a.png": ((16, 16), ["a red box, left", "red on the left", "two shapes"]),
+             "photos/broken.png": ("garbage", "never stored"),
+             "photos/b.jpg": ((40, 24), ["a wide picture"]),
+             "d.webp": ((23, 16), ["d one", "d two"])}
+    lines, good = [], {}
+    for seed, (name, (what, text)) in enumerate(files.items()):
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if what == "garbage":
+            open(path, "wb").write(b"not an image")
+        else:
+            _draw(what, seed + 3).save(path)
+            good[path] = [text] if isinstance(text, str) else text
+        lines += [json.dumps({"file_name": name, "text": text, "source": "drawn"}), ""]
+    open(os.path.join(root, "metadata.jsonl"), "w").write("\n".join(lines))
+    return good, os.path.join(root, "photos/broken.png")
+
+
+def test_extract_captioned_folder_resume_and_changed_captions():
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+        good, broken = _make_captioned_tree(root)
+        opts = dict(vae="none", image_size=16, batch_size=3, shard_size=4, num_workers=0)  # broken: mid-batch
+        meta = extract(root, out, **opts)
+        data = LatentData(out)
+        assert meta["captioned"] is True and meta["count"] == len(data) == 4 and meta["num_captions"] == 7
+        assert meta["skipped"] == 1 and meta["skipped_files"] == [broken] and len(meta["shards"]) == 2
+        assert data.num_classes == 0 and data.class_names == [] and data.labels.tolist() == [0] * 4
+        assert data.captions == list(good.values())  # line order, the unreadable image's caption dropped
+        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (4, 2, 1, 3, 16, 16)
+        owner = {json.dumps(c): p for p, c in good.items()}
+        for i, caps in enumerate(data.captions):  # the captions at i are those of the image stored at i
+            x = _pixels(owner[json.dumps(caps)], 16).float() / 127.5 - 1
+            assert torch.allclose(stored[i, 0, 0], x, atol=1e-3), (i, caps)
+        assert json.load(open(os.path.join(out, "captions.json"))) == data.captions
+        assert "metadata_sha1" in json.load(open(os.path.join(out, "plan.json")))
+        # an interruption after shard 0: the re-run encodes only shard 1 and stores the same captions
+        shard0 = os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns
+        for name in ("shard_00001.json", "shard_00001.npy", "captions.json", "meta.json"):
+            os.remove(os.path.join(out, name))
+        extract(root, out, **opts)
+        again = LatentData(out)
+        assert again.captions == data.captions and np.array_equal(np.concatenate(again.shards), stored.half().numpy())
+        assert os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns == shard0
+        # a changed caption is a different extraction: refused, unless --overwrite
+        meta_path = os.path.join(root, "metadata.jsonl")
+        text = open(meta_path).read()
+        open(meta_path, "w").write(text.replace("a wide picture", "a wide photo"))
+        try:
+            extract(root, out, **opts)
+            raise AssertionError("changed captions must not resume the old extraction")
+        except ExtractionError as e:
+            assert "metadata_sha1" in str(e) and "--overwrite" in str(e), str(e)
+        assert LatentData(out).captions == data.captions
+        extract(root, out, **opts, overwrite=True)
+        assert LatentData(out).captions[2] == ["a wide photo"]
+
+
+def _bad_metadata_message(root, lines):
+    """extract() on a metadata.jsonl of `lines` (bytes or str): the error message, split into {line: problem}."""
+    data = b"\n".join(l if isinstance(l, bytes) else l.encode() for l in lines)
+    open(os.path.join(root, "metadata.jsonl"), "wb").write(data)
+    out = os.path.join(os.path.dirname(root), "never")
+    try:
+        extract(root, out, vae="none", image_size=16, num_workers=0)
+        raise AssertionError("bad metadata.jsonl must be an error")
+    except ExtractionError as e:
+        msg = str(e)
+    assert not os.path.exists(out)  # refused before anything is written
+    assert os.path.join(root, "metadata.jsonl") in msg, msg
+    shown = dict(l.strip().split(": ", 1) for l in msg.splitlines()[1:] if l.strip().startswith("line "))
+    return msg, {int(k.split()[1]): v for k, v in shown.items()}
+
+
+def test_extract_bad_metadata_lines_named():
+    with tempfile.TemporaryDirectory() as tmp:
+        root = os.path.join(tmp, "images")
+        os.makedirs(os.path.join(root, "sub"))
+        _draw((16, 16), 1).save(os.path.join(root, "sub", "a.png"))
+        _draw((16, 16), 2).save(os.path.join(tmp, "outside.png"))  # exists, but not under root
+        good = '{"file_name": "sub/a.png", "text": "fine"}'
+        f = lambda name, text: json.dumps({"file_name": name, "text": text})
+        groups = [  # (line, what the message must say about it); line 1 is good; at most 10 are shown
+            [('{"file_name": "sub/a.png", "text": "x"', "invalid JSON"),
+             ('["sub/a.png", "x"]', "not a JSON object"),
+             ('{"text": "no file"}', "missing 'file_name'"),
+             ('{"file_name": "sub/a.png"}', "missing 'text'"),
+             (f("sub/a.png", 5), "a string or a non-empty list of strings, got 5"),
+             (f("sub/a.png", []), "a string or a non-empty list of strings, got []"),
+             (f("sub/a.png", ["ok", 3]), "a string or a non-empty list of strings, got ['ok', 3]"),
+             (f("sub/a.png", "   "), "empty caption"),
+             (f("sub/a.png", ["ok", ""]), "empty caption(s) at [1]")],
+            [(f("sub/missing.png", "x"), "'sub/missing.png': no such file"),
+             (f("../outside.png", "x"), "'../outside.png' is not a path inside"),
+             (f(os.path.join(tmp, "outside.png"), "x"), "is not a path inside"),
+             (f("./sub/a.png", "again"), "'./sub/a.png' already listed on line 1"),
+             (f(7, "x"), '"file_name" must be a string, got 7'),
+             (b'{"file_name": "sub/a.png", "text": "\xff"}', "not UTF-8")],
+        ]
+        for group in groups:
+            msg, shown = _bad_metadata_message(root, [good] + [l for l, _ in group] + ["", "  "])  # blanks: fine
+            assert f"{len(group)} bad line(s)" in msg and "... and" not in msg, msg
+            assert sorted(shown) == list(range(2, len(group) + 2)), msg  # neither the good nor the blank lines
+            for n, (_, expected) in enumerate(group, 2):
+                assert expected in shown[n], (n, expected, msg)
+        # many bad lines: the first 10 spelled out, the rest counted
+        msg, shown = _bad_metadata_message(root, [good] + ["{"] * 14)
+        assert sorted(shown) == list(range(2, 12)) and "... and 4 more" in msg and "14 bad line(s)" in msg, msg
+        msg, _ = _bad_metadata_message(root, ["", " "])
+        assert "lists no images" in msg, msg
+
+
+def test_extract_batch_flip_false_never_flips_and_keeps_the_stream():
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+        _make_tree(root)
+        meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=16, batch_size=8, shard_size=3,
+                       num_workers=0)
+        data = LatentData(out)
+        assert data.captions is None and meta["captioned"] is False and meta["num_captions"] == 0
+        assert not os.path.exists(os.path.join(out, "captions.json"))
+        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2 flips, 2 moments, 16, 1, 1)
+        assert all(not torch.equal(stored[i, 0], stored[i, 1]) for i in range(7))  # so a flip would show
+        idx = torch.tensor([6, 0, 3, 3, 5, 1, 2])
+        expect = lambda f, eps: 0.2325 * (stored[idx, f, 0] + torch.exp(0.5 * stored[idx, f, 1]) * eps)
+        flipped_some = False
+        for seed in range(10):
+            g = torch.Generator().manual_seed(seed)  # the documented draws: a flip per example, then eps
+            f, eps = torch.randint(0, 2, (7,), generator=g), torch.randn(7, 16, 1, 1, generator=g)
+            after = torch.rand(1, generator=g)  # the stream's next draw
+            flipped_some |= bool(f.any())
+            for flip, used in ((True, f), (False, torch.zeros_like(f)), (None, f)):  # None: the default
+                g = torch.Generator().manual_seed(seed)
+                z, y = data.batch(idx, g) if flip is None else data.batch(idx, g, flip=flip)
+                assert torch.allclose(z, expect(used, eps), atol=1e-6), (seed, flip)
+                assert torch.equal(y, data.labels[idx]) and torch.equal(torch.rand(1, generator=g), after), (seed, flip)
+        assert flipped_some
+
+
+def test_extract_command_line_captioned():
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+        _make_captioned_tree(root)
+        run = _extract_cli(root, out)
+        assert run.returncode == 0, run.stderr
+        assert "4 images with 7 captions, 1 skipped" in run.stdout, run.stdout
+        assert "photos/broken.png" in run.stdout + run.stderr
+        assert LatentData(out).meta["num_captions"] == 7
+        open(os.path.join(root, "metadata.jsonl"), "a").write('\n{"file_name": "a.png"}\n')
+        run = subprocess.run(run.args, capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode != 0 and "line 11: missing 'text'" in run.stderr, run.stderr
+        assert os.path.join(root, "metadata.jsonl") in run.stderr, run.stderr

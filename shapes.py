@@ -1,0 +1,228 @@
+"""The demo data sets, drawn on the fly (no download): coloured shapes on a dark background.
+
+    classes  (train.py --demo classes): 10 shapes, one class each (draw_shapes, build_demo_data)
+    captions (train.py --demo captions): shape, colour, size and position varied independently and described by
+             a caption, "a small red star in the top left"; some (shape, colour) pairs are held out of training
+             to test composition (draw_captioned, build_caption_demo_data). measure / nearest_shape read the
+             attributes back from pixels, to score text-to-image samples without a trained classifier.
+
+All randomness comes from seeded numpy Generators, so every rank and every run draws the same data.
+"""
+import itertools
+import json
+import math
+import os
+import re
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from extract_latents import extract
+
+# ------------------------------------------------------------------------------------------ class demo
+SHAPES = {  # class: (hue in degrees, draw(d, p, w, colour)); p maps unit coordinates to pixels, w = pixels per unit
+    "circle": (0, lambda d, p, w, c: d.ellipse(p((-1, -1), (1, 1)), fill=c)),
+    "square": (30, lambda d, p, w, c: d.rectangle(p((-.8, -.8), (.8, .8)), fill=c)),
+    "triangle": (55, lambda d, p, w, c: d.polygon(p((0, -1), (.95, .8), (-.95, .8)), fill=c)),
+    "diamond": (100, lambda d, p, w, c: d.polygon(p((0, -1), (1, 0), (0, 1), (-1, 0)), fill=c)),
+    "plus": (150, lambda d, p, w, c: [d.rectangle(p((-1, -.3), (1, .3)), fill=c),
+                                      d.rectangle(p((-.3, -1), (.3, 1)), fill=c)]),
+    "ring": (185, lambda d, p, w, c: d.ellipse(p((-1, -1), (1, 1)), outline=c, width=round(.6 * w))),
+    "x": (215, lambda d, p, w, c: [d.polygon(p((-1, -.7), (-.7, -1), (1, .7), (.7, 1)), fill=c),
+                                   d.polygon(p((-1, .7), (-.7, 1), (1, -.7), (.7, -1)), fill=c)]),
+    "bar": (255, lambda d, p, w, c: d.rectangle(p((-1, -.35), (1, .35)), fill=c)),
+    "star": (285, lambda d, p, w, c: d.polygon(p(*[((1 - .55 * (i % 2)) * math.sin(i * math.pi / 5),
+                                                   -(1 - .55 * (i % 2)) * math.cos(i * math.pi / 5))
+                                                  for i in range(10)]), fill=c)),
+    "frame": (320, lambda d, p, w, c: d.rectangle(p((-.9, -.9), (.9, .9)), outline=c, width=round(.55 * w))),
+}
+
+
+def draw_shapes(per_class, size, seed):
+    """The demo's classes: uint8 images (10 * per_class, size, size, 3) and labels (N,). Class k is shape k in
+    hue k; per image vary the position (+-10% around the centre), size, hue/saturation/brightness and the dark
+    background. (Centred shapes: with shapes anywhere, the tiny model needs far more than 5 minutes.)"""
+    rng, big = np.random.default_rng(seed), size * 4  # drawn 4x larger, then downsampled: anti-aliased edges
+    images, labels = [], []
+    for k, (hue, draw) in enumerate(SHAPES.values()):
+        for _ in range(per_class):
+            img = Image.new("RGB", (big, big), tuple(int(v) for v in rng.integers(0, 50, 3)))
+            r = rng.uniform(0.28, 0.4) * big
+            cx, cy = big / 2 + rng.uniform(-0.1, 0.1, 2) * big
+            hsv = ((hue + rng.uniform(-12, 12)) % 360, rng.uniform(60, 100), rng.uniform(75, 100))
+            colour = "hsv({:.0f},{:.0f}%,{:.0f}%)".format(*hsv)
+            draw(ImageDraw.Draw(img), lambda *pts: [(cx + r * x, cy + r * y) for x, y in pts], r, colour)
+            images.append(np.asarray(img.resize((size, size), Image.LANCZOS)))
+            labels.append(k)
+    return np.stack(images), np.array(labels)
+
+
+def _write_and_extract(root, size, rank, write):
+    """Rank 0 writes the images (write(folder)); then every rank extracts them (pixel space) into root/latents."""
+    if rank == 0:
+        write(os.path.join(root, "images"))
+    if dist.is_initialized():
+        dist.barrier()
+    extract(os.path.join(root, "images"), os.path.join(root, "latents"), vae="none", image_size=size,
+            batch_size=256, num_workers=0, device="cpu", overwrite=True)
+    return os.path.join(root, "latents")
+
+
+def build_demo_data(root, size, per_class, seed, rank):
+    """Write the shapes as an ImageFolder under root/images (rank 0) and extract them (pixel space) into
+    root/latents; returns that directory."""
+    def write(images_dir):
+        images, labels = draw_shapes(per_class, size, seed)
+        for i, (image, label) in enumerate(zip(images, labels)):
+            folder = os.path.join(images_dir, f"{label}_{list(SHAPES)[label]}")
+            os.makedirs(folder, exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
+    return _write_and_extract(root, size, rank, write)
+
+
+# ------------------------------------------------------------------------------------------ captioned demo
+# Shapes that stay distinct at a few pixels: a small shape is ~5 px wide at --demo-image-size 24, where the
+# ring, frame and bar of the class demo blur into a disc, a square or a dash, and diamond/x into circle/plus.
+SHAPE_NAMES = ("circle", "square", "triangle", "plus", "star")
+COLOURS = {"red": 0, "yellow": 55, "green": 125, "blue": 225}  # hue in degrees: >= 55 apart, jitter is +-8
+SIZES = {"small": (0.17, 0.21), "large": (0.32, 0.36)}  # half the bounding-box side, in quadrant sides
+SIZE_THRESHOLD = 0.53  # measured bounding-box side (in quadrant sides) above which a shape is large
+POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}  # quadrant
+JITTER = 0.05  # centre offset from the quadrant's centre, in quadrant sides: large shapes keep >= 0.09 margin
+HALF_EXTENT = {"square": 0.8, "triangle": 0.95, "star": 0.95}  # half bounding box of SHAPES' drawing (else 1)
+VALUES = {"shape": SHAPE_NAMES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+CHANCE = {k: 1 / len(VALUES[k]) for k in ("colour", "position", "size", "shape")}
+# (shape i, colour i mod 4) never appears in training, in any size or position: 5 of the 20 pairs, and every
+# shape and every colour is still seen with 3 or 4 partners
+HELD_OUT = {(s, tuple(COLOURS)[i % len(COLOURS)]) for i, s in enumerate(SHAPE_NAMES)}
+COMBINATIONS = [dict(shape=s, colour=c, size=z, position=p) for s, c, z, p in itertools.product(*VALUES.values())]
+
+
+def is_held_out(attrs):
+    return (attrs["shape"], attrs["colour"]) in HELD_OUT
+
+
+def caption(attrs):
+    return "a {size} {colour} {shape} in the {position}".format(**attrs)
+
+
+def parse_caption(text):
+    """Attributes named by a text: each value None unless exactly one of its values appears (as whole words)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    phrases = set(words) | {" ".join(words[i:i + 2]) for i in range(len(words) - 1)}  # "top left" is two words
+    found = {k: [v for v in values if v in phrases] for k, values in VALUES.items()}
+    return {k: v[0] if len(v) == 1 else None for k, v in found.items()}
+
+
+def random_attrs(n, seed, held_out):
+    """n attribute dicts drawn uniformly from the training combinations, or from the held-out ones."""
+    pool = [a for a in COMBINATIONS if is_held_out(a) == held_out]
+    return [dict(pool[i]) for i in np.random.default_rng((seed, 1)).integers(len(pool), size=n)]
+
+
+def draw_captioned(attrs, size, seed):
+    """uint8 images (N, size, size, 3) of the attribute dicts: the shape inside its quadrant, jittered in
+    position, size within its range and colour (hue +-8, saturation, brightness), on a random dark background."""
+    rng, big = np.random.default_rng((seed, 2)), size * 4  # drawn 4x larger, then downsampled, as draw_shapes
+    q, images = big / 2, []
+    for a in attrs:
+        img = Image.new("RGB", (big, big), tuple(int(v) for v in rng.integers(0, 50, 3)))
+        r = rng.uniform(*SIZES[a["size"]]) * q / HALF_EXTENT.get(a["shape"], 1)
+        cx, cy = (np.array(POSITIONS[a["position"]]) + 0.5 + rng.uniform(-JITTER, JITTER, 2)) * q
+        hsv = ((COLOURS[a["colour"]] + rng.uniform(-8, 8)) % 360, rng.uniform(70, 100), rng.uniform(80, 100))
+        colour = "hsv({:.0f},{:.0f}%,{:.0f}%)".format(*hsv)
+        SHAPES[a["shape"]][1](ImageDraw.Draw(img), lambda *pts: [(cx + r * x, cy + r * y) for x, y in pts], r, colour)
+        images.append(np.asarray(img.resize((size, size), Image.LANCZOS)))
+    return np.stack(images)
+
+
+def build_caption_demo_data(root, size, count, seed, rank):
+    """Write `count` captioned training images (held-out pairs never) under root/images with a metadata.jsonl
+    (Hugging Face imagefolder: {"file_name": "00000.png", "text": caption} per line) (rank 0), and extract them
+    (pixel space, captions kept) into root/latents; returns that directory."""
+    def write(folder):
+        os.makedirs(folder, exist_ok=True)
+        attrs = random_attrs(count, seed, held_out=False)
+        with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+            for i, (image, a) in enumerate(zip(draw_captioned(attrs, size, seed), attrs)):
+                Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
+                f.write(json.dumps({"file_name": f"{i:05d}.png", "text": caption(a)}) + "\n")
+    return _write_and_extract(root, size, rank, write)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _foreground(images):
+    """Soft foreground (N, H, W) in [0, 1] and the hard mask of each image's largest blob (N, H, W): a pixel's
+    largest channel difference to the background colour (the median pixel: shapes cover < 1/8 of an image) is
+    >= 150 inside a shape and 0 on the background; 75 is half way. The largest blob ignores specks of noise."""
+    x = np.asarray(images).astype(np.float32)
+    diff = np.abs(x - np.median(x, axis=(1, 2), keepdims=True)).max(-1)
+    masks = np.zeros(diff.shape, bool)
+    for mask, d in zip(masks, diff):
+        blobs, n = ndimage.label(d > 75)
+        if n:
+            mask[...] = blobs == 1 + np.bincount(blobs.ravel())[1:].argmax()
+    return np.clip(diff / 150, 0, 1), masks
+
+
+def measure(images):
+    """Colour, position and size of the shape in each uint8 image (N, H, W, 3), read from its pixels: a list of
+    attribute dicts (shape None: see nearest_shape; every value None where nothing stands out)."""
+    _, masks = _foreground(images)
+    out = []
+    for image, mask in zip(np.asarray(images), masks):
+        if not mask.any():
+            out.append(dict(shape=None, colour=None, size=None, position=None))
+            continue
+        h, w = mask.shape
+        ys, xs = np.nonzero(mask)
+        hsv = np.asarray(Image.fromarray(image).convert("HSV"), np.float32)[ys, xs]  # hue in 0..255
+        angle = np.angle(np.sum(hsv[:, 1] * hsv[:, 2] * np.exp(2j * np.pi * hsv[:, 0] / 256)), deg=True)
+        colour = min(COLOURS, key=lambda c: abs((angle - COLOURS[c] + 180) % 360 - 180))  # nearest hue, circular
+        side = max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / (h / 2)  # in quadrant sides
+        quadrant = (int(xs.mean() + 0.5 >= w / 2), int(ys.mean() + 0.5 >= h / 2))  # pixel centres are at +0.5
+        out.append(dict(shape=None, colour=colour, size="large" if side > SIZE_THRESHOLD else "small",
+                        position=next(p for p, q in POSITIONS.items() if q == quadrant)))
+    return out
+
+
+def _shape_features(images):
+    """Each image's soft foreground inside its largest blob, cut to a half-image window centred on the blob: the
+    shape's silhouette at its own size (colour and position do not enter)."""
+    soft, masks = _foreground(images)
+    n, h, w = soft.shape
+    k = h // 2
+    out = np.zeros((n, k, k), np.float32)
+    for f, s, mask in zip(out, soft, masks):
+        if mask.any():
+            s = s * ndimage.binary_dilation(mask)  # the blob and its anti-aliased rim
+            padded = np.pad(s, k)
+            cy, cx = (np.round(ndimage.center_of_mass(s)).astype(int) + k - k // 2)
+            f[...] = padded[cy:cy + k, cx:cx + k]
+    return out.reshape(n, -1)
+
+
+def nearest_shape(images, train_images, train_attrs):
+    """The shape of each image (N, H, W, 3): that of the training image whose silhouette is nearest (L2);
+    None where nothing stands out of the background."""
+    a = torch.from_numpy(_shape_features(images))
+    b = torch.from_numpy(_shape_features(train_images))
+    nearest = torch.cdist(a, b).argmin(1).tolist()
+    return [train_attrs[i]["shape"] if found else None for i, found in zip(nearest, a.any(1).tolist())]
+
+
+def t2i_accuracy(images, attrs, train_images, train_attrs):
+    """Share of images (N, H, W, 3) whose measured colour, position, size and shape match attrs (N dicts)."""
+    found = measure(images)
+    for f, s in zip(found, nearest_shape(images, train_images, train_attrs)):
+        f["shape"] = s
+    return {k: float(np.mean([f[k] == a[k] for f, a in zip(found, attrs)])) for k in CHANCE}
+
+
+def caption_accuracy(texts, attrs):
+    """Share of texts (N captions) naming each attribute of attrs (N dicts) right (and no other value of it)."""
+    found = [parse_caption(t) for t in texts]
+    return {k: float(np.mean([f[k] == a[k] for f, a in zip(found, attrs)])) for k in CHANCE}

@@ -1,0 +1,292 @@
+"""Tests of tokenizer.py (byte and LLaMA-3/tiktoken tokenizers) and cider.py (CIDEr-D). No downloads: the BPE
+file is a small one written here in the real tokenizer.model layout, and the CIDEr-D values are recomputed by
+an independent loop-based transcription of the formula (and, for two images, by hand in the comments)."""
+import base64
+import contextlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+import cider
+import tokenizer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_bytes_roundtrip_and_layout():
+    tok = tokenizer.build_tokenizer("")
+    assert (tok.kind, tok.bos, tok.eos, tok.vocab_size) == ("bytes", 256, 257, 258)
+    text = "a café — 東京 ☃"
+    ids = tok.encode(text)
+    # "a café " 8 bytes (é = c3 a9), "— " 4 (U+2014: 3 bytes), "東京 " 7, "☃" 3
+    assert ids == list(text.encode("utf-8")) and len(ids) == 22 and all(0 <= i < 256 for i in ids)
+    assert ids[:8] == [97, 32, 99, 97, 102, 0xC3, 0xA9, 32] and ids[-3:] == [0xE2, 0x98, 0x83]
+    assert tok.decode([tok.bos] + ids + [tok.eos, tok.eos]) == text  # bos/eos are not text
+    # length 5 leaves 3 caption slots: "hi" fits, "" is [bos, eos], "héllo" (6 bytes: é is c3 a9) is cut to 3
+    ids, lengths, truncated = tokenizer.tokenize(tok, ["hi", "", "héllo"], 5)
+    assert ids.dtype == lengths.dtype == torch.long and ids.shape == (3, 5)
+    assert ids.tolist() == [[256, 104, 105, 257, 257],
+                            [256, 257, 257, 257, 257],
+                            [256, 104, 0xC3, 0xA9, 257]]
+    assert lengths.tolist() == [4, 2, 5] and truncated == 1
+    assert tok.decode(ids[2].tolist()) == "hé"
+    assert tok.decode(tokenizer.tokenize(tok, ["東"], 4)[0][0].tolist()) == "\ufffd"  # 2 of 3 bytes: replaced
+    assert tokenizer.tokenize(tok, ["abc", "abcd", "ab"], 4)[2] == 2
+    try:
+        tokenizer.tokenize(tok, ["a"], 1)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("length 1 has no room for BOS and EOS")
+
+
+def _gpt2_byte_order():
+    """The 256 bytes in the order of rank 0..255 in the real LLaMA-3 (and cl100k) files: GPT-2's printable bytes
+    first (! .. ~, ¡ .. ¬, ® .. ÿ), then the others in byte order."""
+    printable = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return printable + [b for b in range(256) if b not in printable]
+
+
+MERGES = [b"ab", b"abc", b" a", b" ab"]  # ranks 256..259; each is the concatenation of lower-ranked tokens
+
+
+def _write_bpe(path, merges=MERGES):
+    tokens = [bytes([b]) for b in _gpt2_byte_order()] + list(merges)
+    with open(path, "wb") as f:
+        f.write(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(tokens)))
+    return len(tokens)
+
+
+def test_tokenizer_tiktoken_bpe_file():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tokenizer.model")
+        n_ranks = _write_bpe(path)
+        tok = tokenizer.build_tokenizer(path)
+        assert tok.kind == "tiktoken" and n_ranks == 260
+        assert (tok.bos, tok.eos, tok.vocab_size) == (260, 261, 260 + 256)
+        # pre-tokens "abc" " ab" " a" " cab" " é"; by the merges: abc -> ab,c -> abc (257); " ab" -> " ",ab ->
+        # " ab" (259); " a" (258); " cab" -> " ",c,ab (no "cab"/" c"): 220 66 256; " é" -> bytes 20 c3 a9, no
+        # merges. Ranks of single bytes: '!'..'~' are 0..93 (a = 97 - 33 = 64, c = 66), ¡..¬ 94..105 (0xa9 -> 102),
+        # ®..ÿ 106..187 (0xc3 -> 106 + 195 - 174 = 127), then 0..32 from 188 (space = 220)
+        text = "abc ab a cab é"
+        assert tok.encode(text) == [257, 259, 258, 220, 66, 256, 220, 127, 102], tok.encode(text)
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.encode("<|eot_id|>") == tok.encode("<|eot_id") + tok.encode("|>")  # specials are plain text
+        names = {260: "<|begin_of_text|>", 261: "<|end_of_text|>", 262: "<|reserved_special_token_0|>",
+                 265: "<|reserved_special_token_3|>", 266: "<|start_header_id|>", 267: "<|end_header_id|>",
+                 268: "<|reserved_special_token_4|>", 269: "<|eot_id|>", 270: "<|reserved_special_token_5|>",
+                 515: "<|reserved_special_token_250|>"}
+        for i, name in names.items():
+            assert tok.enc.decode_single_token_bytes(i) == name.encode(), i
+        assert tok.enc.n_vocab == 516
+        ids, lengths, truncated = tokenizer.tokenize(tok, ["abc ab", "cab é"], 5)  # 2 and 5 tokens, 3 slots
+        assert ids.tolist() == [[260, 257, 259, 261, 261], [260, 66, 256, 220, 261]] and lengths.tolist() == [4, 5]
+        assert truncated == 1
+
+        # checkpoint round trip: only plain values and tensors, loadable with weights_only=True
+        buf = io.BytesIO()
+        torch.save({"tokenizer": tok.state()}, buf)
+        buf.seek(0)
+        state = torch.load(buf, weights_only=True)["tokenizer"]
+        again = tokenizer.from_state(state)
+        assert again.encode(text) == tok.encode(text) and (again.bos, again.eos) == (260, 261)
+        assert tokenizer.from_state({"kind": "bytes"}).encode("é") == [0xC3, 0xA9]
+
+        tokenizer.check_same(state, path)  # the same file: accepted
+        tokenizer.check_same(state, "")  # no --tokenizer: nothing to check
+        other = os.path.join(d, "other.model")
+        _write_bpe(other, MERGES + [b"bc"])
+        for st, p in ((state, other), ({"kind": "bytes"}, path)):
+            try:
+                tokenizer.check_same(st, p)
+            except ValueError as e:
+                assert p in str(e) and ("byte tokenizer" in str(e) or tok.sha256 in str(e)), str(e)
+            else:
+                raise AssertionError(f"{p} was accepted for a checkpoint trained with {st['kind']}")
+        state["file"] = torch.frombuffer(bytearray(open(other, "rb").read()), dtype=torch.uint8)  # a valid file,
+        try:                                                                                      # not its sha256
+            tokenizer.from_state(state)
+        except ValueError as e:
+            assert "sha256" in str(e), str(e)
+        else:
+            raise AssertionError("a tokenizer file that does not match its sha256 was accepted")
+
+
+def test_tokenizer_bad_files():
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "tokenizer.model")
+        _write_bpe(path)
+        lines = open(path, "rb").read().split(b"\n")
+        for bad in (b"YWI=", b"YWI= x", b"***= 7", b"YWI= 7 8"):  # no rank, bad rank, bad base64, extra field
+            open(path, "wb").write(b"\n".join(lines[:4] + [bad] + lines[5:]))
+            try:
+                tokenizer.build_tokenizer(path)
+            except ValueError as e:
+                assert f"{path}: line 5:" in str(e), str(e)
+            else:
+                raise AssertionError(f"malformed line {bad!r} was accepted")
+        open(path, "wb").write(b"\n".join(lines[:4] + [lines[3]] + lines[5:]))  # a duplicate token
+        try:
+            tokenizer.build_tokenizer(path)
+        except ValueError as e:
+            assert "line 5" in str(e), str(e)
+        else:
+            raise AssertionError("a duplicate token was accepted")
+        missing = os.path.join(d, "nope.model")
+        for call in (lambda: tokenizer.build_tokenizer(missing),
+                     lambda: tokenizer.check_same({"kind": "bytes"}, missing)):
+            try:
+                call()
+            except FileNotFoundError as e:
+                assert missing in str(e), str(e)
+            else:
+                raise AssertionError("a missing tokenizer file was accepted")
+
+
+# ------------------------------------------------------------------------------------------ CIDEr-D
+def _cider_by_hand(cands, refs):
+    """CIDEr-D written out directly: n-grams as joined strings, idf from an explicit loop over the images."""
+    def grams(sentence, n):
+        w = sentence.split()
+        out = {}
+        for i in range(len(w) - n + 1):
+            key = " ".join(w[i:i + n])
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    images = list(cands)
+    scores = []
+    for img in images:
+        per_n = []
+        for n in range(1, 5):
+            def doc_freq(g):
+                return sum(1 for other in images if any(g in grams(r, n) for r in refs[other]))
+
+            def tfidf(sentence):
+                return {g: c * (math.log(len(images)) - math.log(max(1, doc_freq(g))))
+                        for g, c in grams(sentence, n).items()}
+            c_vec = tfidf(cands[img])
+            c_len = sum(grams(cands[img], 2).values())  # pycocoevalcap's length: the bigram count
+            total = 0.0
+            for r in refs[img]:
+                r_vec = tfidf(r)
+                num = 0.0
+                for g in c_vec:
+                    num += min(c_vec[g], r_vec.get(g, 0.0)) * r_vec.get(g, 0.0)
+                den = math.sqrt(sum(v * v for v in c_vec.values())) * math.sqrt(sum(v * v for v in r_vec.values()))
+                sim = num / den if den > 0 else num
+                total += sim * math.exp(-((c_len - sum(grams(r, 2).values())) ** 2) / (2 * 6.0 ** 2))
+            per_n.append(total / len(refs[img]))
+        scores.append(10 * sum(per_n) / 4)
+    return sum(scores) / len(scores), scores
+
+
+def test_cider_tiny_corpus_by_hand():
+    cands = {"A": "x x y", "B": "w"}
+    refs = {"A": ["x y", "x y"], "B": ["z w", "z"]}
+    score, scores = cider.cider_d(cands, refs)
+    # By hand, L = log 2 (two images; every n-gram is in one image's references, idf = L - log 1 = L):
+    # A: cand x:2L y:L | "x x":L "x y":L | "x x y":L; ref "x y": x:L y:L | "x y":L.
+    #    n=1: (min(2L,L)L + L*L) / (L sqrt5 * L sqrt2) = 2/sqrt10; n=2: L*L / (L sqrt2 * L) = 1/sqrt2;
+    #    n=3,4: the reference has no such n-grams (norm 0) -> 0. Lengths (bigrams) 2 vs 1: penalty exp(-1/72).
+    #    Both references alike: 10 * (2/sqrt10 + 1/sqrt2) / 4 * exp(-1/72)
+    #    = 2.5 * (0.6324555 + 0.7071068) * 0.9862071 = 2.5 * 1.3395623 * 0.9862071 = 3.3027147
+    # B: cand w:L; ref "z w": z:L w:L | "z w":L -> n=1: L*L / (L * L sqrt2) = 1/sqrt2, bigrams 0 vs 1;
+    #    ref "z": no shared n-gram -> 0. 10 * (1/sqrt2 * exp(-1/72)) / 4 / 2 = 1.25 * 0.7071068 * 0.9862071
+    #    = 0.8716922
+    a = 10 * (2 / math.sqrt(10) + 1 / math.sqrt(2)) / 4 * math.exp(-1 / 72)
+    b = 10 * (1 / math.sqrt(2)) * math.exp(-1 / 72) / 4 / 2
+    assert abs(a - 3.3027147) < 1e-6 and abs(b - 0.8716922) < 1e-6, (a, b)
+    assert abs(scores[0] - a) < 1e-12 and abs(scores[1] - b) < 1e-12, scores
+    assert abs(score - (a + b) / 2) < 1e-12
+    # a perfect two-word match: 1 for n = 1, 2 and 0 for n = 3, 4 (no trigrams): 10 * 2 / 4 = 5
+    assert abs(cider.cider_d({"A": "x y", "B": "w"}, refs)[1][0] - 5.0) < 1e-12
+    # one image alone scores 0 (pycocoevalcap's idf: log(1 image) - log(df 1) = 0 for every n-gram)
+    assert cider.cider_d({"A": "x y"}, {"A": ["x y"]}) == (0.0, [0.0])
+
+    # three images, two references each, overlapping vocabulary: the independent transcription agrees
+    cands = {1: "a man riding a horse on the beach", 2: "a dog on a couch", 3: "two dogs playing in the grass"}
+    refs = {1: ["a man rides a horse along the beach", "a person riding a brown horse on a beach"],
+            2: ["a small dog sleeping on a couch", "a dog lying on the sofa"],
+            3: ["two dogs play in the grass", "a man and two dogs on the grass"]}
+    score, scores = cider.cider_d(cands, refs)
+    want, want_scores = _cider_by_hand(cands, refs)
+    assert all(abs(s - w) < 1e-12 for s, w in zip(scores, want_scores)), (scores, want_scores)
+    assert abs(score - want) < 1e-12 and score > 0
+    # tokenization: case and the punctuation the COCO tool drops do not change the score
+    loud = {k: v.capitalize() + "." for k, v in cands.items()}
+    loud_refs = {k: [f'"{r.upper()}!"' for r in v] for k, v in refs.items()}
+    assert abs(cider.cider_d(loud, loud_refs)[0] - score) < 1e-12
+
+
+def test_cider_no_shared_ngram_and_errors():
+    cands = {"A": "purple elephants", "B": "a dog on a couch"}
+    refs = {"A": ["a man rides a horse", "a person on a horse"], "B": ["a dog on a couch", "a dog on the sofa"]}
+    score, scores = cider.cider_d(cands, refs)
+    assert scores[0] == 0.0 and scores[1] > 0 and abs(score - scores[1] / 2) < 1e-12
+    assert cider.coco_tokenize("A dog's toy, on the table... (it can't) -- 3.5 \"feet\"") == \
+        ["a", "dog", "'s", "toy", "on", "the", "table", "it", "ca", "n't", "3.5", "feet"]
+    for c, r, word in (({"A": "x", "C": "y"}, refs, "'C'"), ({"A": "x"}, refs, "'B'"), ({"A": "x"}, {"A": []}, "'A'")):
+        try:
+            cider.cider_d(c, r)
+        except ValueError as e:
+            assert word in str(e), str(e)
+        else:
+            raise AssertionError(f"{c} / {r} was accepted")
+
+
+def test_cider_command_line():
+    with tempfile.TemporaryDirectory() as d:
+        meta, caps, per = (os.path.join(d, n) for n in ("metadata.jsonl", "captions.jsonl", "per.jsonl"))
+        rows = [{"file_name": "imgs/a.png", "text": ["a man riding a horse", "a person on a horse"]},
+                {"file_name": "b.png", "text": "a dog on a couch"},
+                {"file_name": "sub/c.png", "text": ["two dogs in the grass", "dogs playing outside"]}]
+        with open(meta, "w") as f:
+            f.write(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+        texts = ["a man on a horse", "a dog sleeping on a couch", "two dogs playing"]
+        with open(caps, "w") as f:  # by relative path, by base name, by index (2: the third non-empty line)
+            for source, text in zip(["imgs/a.png", "b.png", 2], texts):
+                f.write(json.dumps({"source": source, "text": text}) + "\n")
+        want, want_scores = cider.cider_d(dict(zip("abc", texts)), {k: r["text"] if isinstance(r["text"], list)
+                                                                    else [r["text"]] for k, r in zip("abc", rows)})
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            cider.main([caps, meta, "--per-image", per])
+        assert f"CIDEr-D: {want:.6f} (3 images)" in out.getvalue(), out.getvalue()
+        lines = [json.loads(line) for line in open(per)]
+        assert [x["source"] for x in lines] == ["imgs/a.png", "b.png", 2]
+        assert [x["file_name"] for x in lines] == [os.path.normpath(p) for p in ("imgs/a.png", "b.png", "sub/c.png")]
+        assert all(abs(x["cider_d"] - s) < 1e-12 for x, s in zip(lines, want_scores))
+        run = subprocess.run([sys.executable, os.path.join(HERE, "cider.py"), caps, meta],
+                             capture_output=True, text=True, cwd=d)
+        assert run.returncode == 0 and f"CIDEr-D: {want:.6f}" in run.stdout, run.stdout + run.stderr
+
+        with open(meta, "a") as f:
+            f.write('{"file_name": "d.png"}\n{oops\n')  # lines 5 (no text) and 6 (bad JSON)
+        run = subprocess.run([sys.executable, os.path.join(HERE, "cider.py"), caps, meta],
+                             capture_output=True, text=True, cwd=d)
+        assert run.returncode != 0 and f"{meta}: line 5: missing 'text'" in run.stderr, run.stderr
+        assert run.stderr.startswith("cider.py: error:"), run.stderr
+        with open(meta, "w") as f:
+            f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n")
+        assert f"{meta}: line 3: invalid JSON" in _main_error([caps, meta])
+        with open(meta, "w") as f:
+            f.write("\n".join(json.dumps(r) for r in rows))
+        with open(caps, "w") as f:
+            f.write(json.dumps({"source": 0, "text": "x"}) + "\n" + json.dumps({"source": "zzz.png", "text": "y"}))
+        assert f"{caps}: line 2: source 'zzz.png' has no reference" in _main_error([caps, meta])
+
+
+def _main_error(argv):
+    try:
+        cider.main(argv)
+    except cider.InputError as e:
+        return str(e)
+    raise AssertionError(f"{argv} was accepted")

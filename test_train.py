@@ -290,3 +290,25 @@ def test_captioned_run_resumes_bit_identical_and_logs_both_losses():
         # Transfusion: one diffusion step per example, no clean tokens; a checkpoint of another tokenizer is refused
         summary = train.main(args[:-6] + ["--max-steps", "2", "--transfusion", "--out", os.path.join(tmp, "c")])
         assert len(summary["losses"]) == 2 and _load(os.path.join(tmp, "c", "ckpt.pt"))["model_config"]["text_sees_noisy"]
+
+
+def test_single_step_runs_leave_out_the_clean_tokens():
+    # with S = 1 for every sample (--gamma 0) no noisy token sees a clean one: the step leaves them out and its
+    # loss is the static layout's
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_tiny_data(tmp))
+        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
+        torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
+        cfg = dict(train.config, gamma=0.0)
+        b = train.draw_micro_batch(data, model, torch.arange(16), train.seeded(0, 1, 0, 0), cfg, 1000)
+        seen = []
+        forward = model.forward
+        model.forward = lambda clean, *a, **kw: seen.append(clean.shape[1]) or forward(clean, *a, **kw)
+        with torch.no_grad():
+            loss = train.forward_losses(model, model, train.Diffusion(), b, cfg)[0]
+            xt = train.Diffusion().q_sample(b["clean"], b["t"], b["noise"])
+            attn = train.mask.causal_mask(b["steps"], b["steps"], model.num_cond_tokens)
+            eps = forward(b["clean"], xt, b["t"], b["y"], b["order"], attn)
+        assert seen == [0] and b["steps"].eq(0).all()
+        static = train.Diffusion.eps_loss(eps, b["noise"], train.mask.ar_weights(b["steps"], cfg["ar_lambda"]))
+        assert torch.allclose(loss, static, rtol=1e-5), (loss, static)

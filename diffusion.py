@@ -16,15 +16,20 @@ class Diffusion:
         self.num_timesteps = num_timesteps
         self.full_alphas_cumprod = torch.cumprod(1 - full_betas, 0)  # (T,) float64
 
-        # respacing (ADM's space_timesteps with one section): evenly spaced, both ends kept
-        stride = (num_timesteps - 1) / max(sample_steps - 1, 1)
-        self.timesteps = torch.tensor([round(i * stride) for i in range(sample_steps)])
+        # respacing: ADM's space_timesteps with one section, both ends kept. Its index accumulates the float
+        # stride and Python's round() takes .5 to even, so round(i * stride) would differ at some odd N
+        stride, index, kept = (num_timesteps - 1) / max(sample_steps - 1, 1), 0.0, []
+        for _ in range(sample_steps):
+            kept.append(round(index))
+            index += stride
+        self.timesteps = torch.tensor(kept)
         acp = self.full_alphas_cumprod[self.timesteps]
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
         self.alphas_cumprod = acp
         self.betas = 1 - acp / acp_prev  # the betas whose products give the kept marginals
         posterior_variance = self.betas * (1 - acp_prev) / (1 - acp)
-        self.variance = torch.cat([posterior_variance[1:2], self.betas[1:]])  # fixed "large"
+        # fixed "large"; one step (N = 1) adds no noise, so its variance is never used
+        self.variance = torch.cat([posterior_variance[1:2], self.betas[1:]]) if sample_steps > 1 else self.betas
         self.coef_x0 = self.betas * acp_prev.sqrt() / (1 - acp)  # posterior mean = coef_x0 x0 + coef_xt xt
         self.coef_xt = (1 - acp_prev) * (1 - self.betas).sqrt() / (1 - acp)
         # a step as x_{i-1} = c_x x + c_eps eps + sigma z, x0 = (x - sqrt(1 - acp) eps) / sqrt(acp) folded in;

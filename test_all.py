@@ -457,6 +457,33 @@ def test_respaced_schedule_matches_direct_computation():
     assert full.timesteps.tolist() == list(range(1000)) and torch.allclose(full.betas, betas)
 
 
+def adm_space_timesteps(num_timesteps, section_counts):
+    """openai/guided-diffusion respace.py space_timesteps, transcribed (integer section counts)."""
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start_idx, all_steps = 0, []
+    for i, section_count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        frac_stride = 1 if section_count <= 1 else (size - 1) / (section_count - 1)
+        cur_idx, taken_steps = 0.0, []
+        for _ in range(section_count):
+            taken_steps.append(start_idx + round(cur_idx))
+            cur_idx += frac_stride
+        all_steps += taken_steps
+        start_idx += size
+    return set(all_steps)
+
+
+def test_respacing_is_adms_for_every_number_of_steps():
+    for n in range(1, 1001):
+        d = diffusion.Diffusion(sample_steps=n)
+        assert d.timesteps.tolist() == sorted(adm_space_timesteps(1000, [n])), n
+        assert len(d.step_coefs) == n
+    # one DDPM step (N = 1) maps noise straight to the x0 prediction at t = 0
+    d, x, eps = diffusion.Diffusion(sample_steps=1), torch.randn(3, 4), torch.randn(3, 4)
+    acp = d.full_alphas_cumprod[0].float()
+    assert torch.allclose(d.step(x, eps, 0, None), (x - (1 - acp).sqrt() * eps) / acp.sqrt(), atol=1e-5)
+
+
 def test_q_sample_and_posterior():
     d = diffusion.Diffusion(sample_steps=1000)
     g = torch.Generator().manual_seed(8)

@@ -45,7 +45,8 @@ config = dict(
     vae_ckpt=None,  # VAE weights (vae.py); "random" = random weights, for speed measurements
     num_samples=16,  # images to generate (editing: rows of edits)
     batch_size=16,  # images per global batch; with the seed it fixes the samples
-    classes=[],  # class indices or names, cycled over the samples; empty or "random": uniformly random
+    classes=[],  # class indices or names, cycled over the samples; empty or "random": uniformly random (DiT,
+    # ADM); "balanced": every class in turn (50,000 samples: 50 per class, as MAR)
     ar_steps=1,  # AR steps S: 1 = diffusion mode, L = token by token
     split="equal",  # AR step sizes: equal, or random (a uniformly random composition of L)
     order="random",  # order of the tokens over the AR steps: random (per sample) or raster
@@ -138,9 +139,12 @@ def check_options(model, ar_steps=1, split="equal", order="random", cfg_scale=1.
 
 
 def parse_classes(words, num_classes, class_names=None):
-    """--classes words (indices or class names) -> list of ints, or None for random classes."""
+    """--classes words (indices or class names) -> list of ints, or None for random classes; "balanced" -> every
+    class, cycled over the samples."""
     if not words or list(words) == ["random"]:
         return None
+    if list(words) == ["balanced"]:
+        return list(range(num_classes))
     names = {name: i for i, name in enumerate(class_names or [])}
     try:
         return [names[w] if w in names else int(w) for w in map(str, words)]

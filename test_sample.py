@@ -244,6 +244,16 @@ def test_authors_checkpoint_samples():
     assert config == xl.config and meta["image_size"] == 256 and meta["latent_shape"] == [16, 16, 16]
 
 
+def test_random_and_balanced_classes():
+    assert sample.parse_classes([], 4) is None and sample.parse_classes(["random"], 4) is None
+    assert sample.parse_classes(["balanced"], 4) == [0, 1, 2, 3]
+    assert sample.parse_classes(["blue", "0"], 4, ["red", "blue", "top", "left"]) == [1, 0]
+    balanced = sample.class_labels(4000, sample.parse_classes(["balanced"], 1000), 1000, seed=0)
+    assert torch.bincount(balanced, minlength=1000).eq(4).all()  # 4 of every class
+    random = sample.class_labels(4000, None, 1000, seed=0)
+    assert random.min() >= 0 and random.max() < 1000 and torch.bincount(random, minlength=1000).float().std() > 1
+
+
 def test_clear_errors():
     model, path = random_model()
     base = ["--ckpt", path, "--steps", "2", "--num-samples", "1", "--out-dir", os.path.join(TMP.name, "errors")]

@@ -77,23 +77,29 @@ def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_
     return out
 
 
-def test_mask_fig6_example():
-    # paper Fig. 6 / Algorithm 1: steps of sizes 2, 2, 3; clean tokens of the first two steps only
-    steps = torch.tensor([0, 0, 1, 1, 2, 2, 2])
-    got = mask.causal_mask(steps[None, :4], steps[None], num_cond=1)[0]
-    # Algorithm 1 (1 = blocked) with ctx = the 4 clean tokens, x = the 7 noisy ones, plus our cond column
-    sumk = [0, 2, 4, 7]
-    blocked = torch.ones(11, 11)
-    m1, m2, m3 = torch.ones(4, 4), torch.ones(7, 4), torch.ones(7, 7)
+def algorithm1_mask(sumk, num_cond):
+    """The paper's Algorithm 1 (1 = blocked) for cumulative step sizes sumk = [0, c_1, ..., L], over
+    [cond | clean tokens of steps 1..S-1 | all L noisy tokens], turned into our convention (True = may attend)."""
+    Lx, L = sumk[-2], sumk[-1]
+    m1, m2, m3 = torch.ones(Lx, Lx), torch.ones(L, Lx), torch.ones(L, L)
     for i in range(len(sumk) - 2):
         m1[sumk[i]:sumk[i + 1], 0:sumk[i + 1]] = 0
         m2[sumk[i + 1]:sumk[i + 2], 0:sumk[i + 1]] = 0
     for i in range(len(sumk) - 1):
         m3[sumk[i]:sumk[i + 1], sumk[i]:sumk[i + 1]] = 0
-    blocked[:4, :4], blocked[4:, :4], blocked[4:, 4:] = m1, m2, m3
-    expected = torch.ones(12, 12, dtype=torch.bool)
-    expected[0, 1:] = False  # the cond token sees only cond tokens
-    expected[1:, 1:] = blocked == 0
+    blocked = torch.ones(Lx + L, Lx + L)
+    blocked[:Lx, :Lx], blocked[Lx:, :Lx], blocked[Lx:, Lx:] = m1, m2, m3
+    expected = torch.ones(num_cond + Lx + L, num_cond + Lx + L, dtype=torch.bool)
+    expected[:num_cond, num_cond:] = False  # cond tokens see only cond tokens
+    expected[num_cond:, num_cond:] = blocked == 0
+    return expected
+
+
+def test_mask_fig6_example():
+    # paper Fig. 6 / Algorithm 1: steps of sizes 2, 2, 3; clean tokens of the first two steps only
+    steps = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    got = mask.causal_mask(steps[None, :4], steps[None], num_cond=1)[0]
+    expected = algorithm1_mask([0, 2, 4, 7], 1)
     assert torch.equal(got, expected), f"\n{got.int()}\n{expected.int()}"
     print(mask.mask_to_ascii(got))
 

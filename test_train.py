@@ -312,3 +312,26 @@ def test_single_step_runs_leave_out_the_clean_tokens():
         assert seen == [0] and b["steps"].eq(0).all()
         static = train.Diffusion.eps_loss(eps, b["noise"], train.mask.ar_weights(b["steps"], cfg["ar_lambda"]))
         assert torch.allclose(loss, static, rtol=1e-5), (loss, static)
+
+
+def test_fixed_ar_steps_train_and_block_size():
+    # Table 2's S_train: every sample split into S_train steps of L / S_train tokens, whose static-layout mask is
+    # Algorithm 1's on the authors' layout; Table 3b's block size reaches the block-raster order
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_tiny_data(tmp))
+        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
+        cfg = dict(train.config, ar_steps_train=4, order="block_raster", order_block=4)
+        b = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+        assert torch.equal(b["steps"], torch.arange(4).repeat_interleave(4).expand(8, 16))
+        assert torch.equal(b["order"][0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]))
+        cfg["order_block"] = 2  # 2x2 blocks of the 4x4 grid, in raster order
+        b2 = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+        assert b2["order"][0, :8].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
+        steps = b["steps"][:1]
+        authors = train.mask.causal_mask(steps[:, :12], steps, model.num_cond_tokens)[0]  # steps 1..S-1 clean
+        from test_all import algorithm1_mask
+        assert torch.equal(authors, algorithm1_mask([0, 4, 8, 12, 16], model.num_cond_tokens))
+        # the default (random S) stream is untouched by the option's existence
+        plain = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0),
+                                       dict(cfg, ar_steps_train=0, order_block=4), 1000)
+        assert not plain["steps"].eq(b["steps"]).all() and torch.equal(plain["noise"], b["noise"])

@@ -55,6 +55,8 @@ config = dict(
     gamma=0.9,  # AR-step decay: P(S = k) ~ gamma^(k-1); 0 = in-context DiT, 1 = uniform
     ar_lambda=2.0,  # loss weight of the first AR step, decaying linearly to 1 (Table 3c)
     order="random",  # token order: random, raster or block_raster (Table 3b)
+    order_block=2,  # block side (in tokens) of --order block_raster (Table 3b)
+    ar_steps_train=0,  # a fixed number of AR steps S_train of L / S_train tokens each (Table 2); 0 = random (gamma)
     per_step_t=False,  # one diffusion timestep per AR step instead of one per image (App. B, Table 7)
     class_dropout=0.1,  # probability of the null class, for classifier-free guidance
     flip=True,  # random horizontal flips (paper); false for captions that name left and right
@@ -191,9 +193,11 @@ def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None
     x, y = data.batch(indices, g, flip=cfg["flip"])  # (B, C, H, W) scaled latents, (B,)
     n, L = len(indices), model.num_tokens
     y = torch.where(torch.rand(n, generator=g) < cfg["class_dropout"], model.null_class, y)
-    order = mask.token_order(n, model.grid_size, model.grid_size, cfg["order"], g)
+    order = mask.token_order(n, model.grid_size, model.grid_size, cfg["order"], g, cfg["order_block"])
     num_steps = mask.sample_num_steps(n, L, cfg["gamma"], g)
     steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g)
+    if cfg["ar_steps_train"]:  # (drawn above all the same: the stream stays that of a random-S run)
+        steps = mask.step_ids_from_sizes(mask.equal_split(cfg["ar_steps_train"], L)).expand(n, L).clone()
     if cfg["per_step_t"]:
         t = torch.randint(0, num_timesteps, (n, L), generator=g).gather(1, steps)  # t of each slot's AR step
     else:
@@ -215,9 +219,11 @@ def forward_losses(train_model, model, diffusion, b, cfg):
     tokens, times --text-loss-weight), whose sum and token count are returned apart (None without text).
 
     The layout is [cond or text | clean | noisy], static from step to step; when every example is one AR step
-    (--gamma 0 without text, or --transfusion) no noisy token sees a clean one, so the clean ones are left out."""
+    (--gamma 0 or --ar-steps-train 1 without text, or --transfusion) no noisy token sees a clean one, so the clean
+    ones are left out."""
     steps, order, text = b["steps"], b["order"], b.get("text")
-    keep_clean = not (cfg["transfusion"] or (cfg["gamma"] == 0 and text is None))
+    single_step = cfg["gamma"] == 0 or cfg["ar_steps_train"] == 1
+    keep_clean = not (cfg["transfusion"] or (single_step and text is None))
     clean_steps = steps if keep_clean else steps[:, :0]
     attn_mask = mask.causal_mask(clean_steps, steps, model.num_cond_tokens, b.get("text_len"), b.get("text_after"),
                                  cfg["transfusion"])  # (B, T, T)

@@ -349,7 +349,7 @@ def encode_images(images, model, vae, scale_factor):
     x = torch.tensor(images).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(model.x_proj.weight.device)
     mean, _ = vae.encode_moments(x)  # (N, C, h, w), unscaled
     if mean.shape[1:] != (model.in_channels, model.input_size, model.input_size):
-        raise ValueError(f"--edit: the VAE gives latents {tuple(mean.shape[1:])}, the model takes "
+        raise ValueError(f"the VAE gives latents {tuple(mean.shape[1:])} for these images, the model takes "
                          f"{(model.in_channels, model.input_size, model.input_size)}")
     return patchify(mean * scale_factor, model.patch_size)
 

@@ -592,7 +592,6 @@ def test_extract_command_line_captioned():
         assert "photos/broken.png" in run.stdout + run.stderr
         assert LatentData(out).meta["num_captions"] == 7
         open(os.path.join(root, "metadata.jsonl"), "a").write('\n{"file_name": "a.png"}\n')
-        run = subprocess.run(run.args, capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        run = _extract_cli(root, out)
         assert run.returncode != 0 and "line 11: missing 'text'" in run.stderr, run.stderr
         assert os.path.join(root, "metadata.jsonl") in run.stderr, run.stderr

@@ -36,7 +36,7 @@ from config import parse_config
 from diffusion import Diffusion
 from extract_latents import LatentData
 from model import CausalFusion, patchify, unpatchify
-from sample import caption_images, generate, save_grid, tokens_to_images
+from sample import caption_images, encode_images, generate, save_grid, tokens_to_images
 from vae import build_vae
 
 # The defaults are the CPU demo's (`python train.py`); the paper's recipes are commands in the README.
@@ -117,7 +117,7 @@ def pixel_images(data):
 
 
 @torch.no_grad()
-def evaluate_caption_demo(ema, cfg, data, tokenizer, device, autocast, log):
+def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, device, autocast, log):
     """The captioned demo's figures: the attribute accuracy of text-to-image samples for seen and held-out prompts
     (shapes.py measures them from the pixels), and of the captions of new images of seen and held-out
     combinations, with chance beside them."""
@@ -130,7 +130,7 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, device, autocast, log):
         with autocast:
             tokens = sample_latents(ema, cfg, device, seed + 1, texts=[shapes.caption(a) for a in attrs],
                                     tokenizer=tokenizer)
-        images = tokens_to_images(tokens, ema, build_vae("none"), data.scale_factor)
+        images = tokens_to_images(tokens, ema, vae, data.scale_factor)
         summary[f"t2i_{group}"] = shapes.t2i_accuracy(images, attrs, train_images, train_attrs)
         log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + ", ".join(
             f"{k} {v:.2f}" for k, v in summary[f"t2i_{group}"].items()) + " (chance " +
@@ -138,9 +138,8 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, device, autocast, log):
     for group, held_out in (("seen", False), ("held_out", True)):  # fresh images of either kind of combination
         attrs = shapes.random_attrs(n, seed + 3, held_out)
         images = shapes.draw_captioned(attrs, size, seed + 3)
-        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, H, W) in [-1, 1]
         with autocast:
-            texts = caption_images(ema, patchify(pixels * data.scale_factor, ema.patch_size).to(device), tokenizer)
+            texts = caption_images(ema, encode_images(images, ema, vae, data.scale_factor), tokenizer)
         summary[f"captions_{group}"] = shapes.caption_accuracy(texts, attrs)
         log(f"captions of {n} new {group.replace('_', '-')} images: " + ", ".join(
             f"{k} {v:.2f}" for k, v in summary[f"captions_{group}"].items()))
@@ -500,7 +499,7 @@ def train(cfg, rank, world, device):
         if tokenizer is None:
             summary.update(evaluate_class_demo(ema, cfg, data, device, autocast, log))
         elif not cfg["data"]:
-            summary.update(evaluate_caption_demo(ema, cfg, data, tokenizer, device, autocast, log))
+            summary.update(evaluate_caption_demo(ema, cfg, data, tokenizer, vae, device, autocast, log))
     return summary
 
 

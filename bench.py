@@ -104,7 +104,8 @@ def bench_text(cfg, device, autocast):
     next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
     g = torch.Generator().manual_seed(cfg["seed"])
     n, diffusion, fns = cfg["batch_size"], Diffusion(), {}
-    run_cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.01)
+    run_cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.01,
+                   noisy_copies=1)
     for name, options in (("class", {}), ("text", dict(text_vocab=cfg["text_vocab"], text_len=cfg["text_len"]))):
         model = build_model(cfg, device, **options)
         ema = copy.deepcopy(model).requires_grad_(False)

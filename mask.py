@@ -69,7 +69,8 @@ def token_order(n, height, width, kind, generator, block=2):
     return order.expand(n, L).clone()
 
 
-def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_after=None, text_sees_noisy=False):
+def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_after=None, text_sees_noisy=False,
+                time_token=False, copies=1):
     """Generalized causal mask (True = may attend) for the sequence [cond | clean | noisy].
 
     clean_steps (N, Lx), noisy_steps (N, L): the AR step of each clean and noisy token. With SPEC.md Sec. 2:
@@ -110,18 +111,42 @@ def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_afte
         0  x x . . . . x . .                0  . . . . . . x . .
         1  x x . x . . . x x                1  . . . x . . . x x
         1  x x . x . . . x x                1  . . . x . . . x x
-    Returns (N, Lc + Lx + L, Lc + Lx + L) bool."""
-    n, device = noisy_steps.shape[0], noisy_steps.device
-    big = noisy_steps.new_full((n, num_cond), -1)
-    step = torch.cat([big, clean_steps, noisy_steps], 1)  # (N, T)
-    kind = torch.cat([torch.zeros(num_cond), torch.ones(clean_steps.shape[1]), torch.full((noisy_steps.shape[1],), 2)])
-    kind = kind.to(device)
+    Two ablations of the class-conditional model. time_token (Table 1): one token T after the cond tokens
+    carries the timestep; it sees the cond tokens and itself, and only noisy tokens see it (clean tokens stay
+    independent of t, so they can be cached). copies = K (Table 7's "K x t per AR step"): the noisy segment
+    holds K copies of the L noisy tokens (same steps, each copy noised at its own t); a noisy token sees the
+    clean tokens of earlier steps and the tokens of its own step in its own copy. Example: one cond token,
+    steps of sizes 1, 2, all clean tokens, the time token on the left, 2 copies on the right:
+
+           c T 0 1 1 0 1 1                   c 0 1 1 0 1 1 0 1 1
+        c  x . . . . . . .                c  x . . . . . . . . .
+        T  x x . . . . . .                0  x x . . . . . . . .
+        0  x . x . . . . .                1  x x x x . . . . . .
+        1  x . x x x . . .                1  x x x x . . . . . .
+        1  x . x x x . . .                0  x . . . x . . . . .
+        0  x x . . . x . .                1  x x . . . x x . . .
+        1  x x x . . . x x                1  x x . . . x x . . .
+        1  x x x . . . x x                0  x . . . . . . x . .
+                                          1  x x . . . . . . x x
+                                          1  x x . . . . . . x x
+    Returns (N, Lc + Lx + L, Lc + Lx + L) bool (with the time token and K copies: Lc + 1 + Lx + K L)."""
+    n, device, L = noisy_steps.shape[0], noisy_steps.device, noisy_steps.shape[1]
+    Lx, nt = clean_steps.shape[1], int(time_token)
+    big = noisy_steps.new_full((n, num_cond + nt), -1)
+    step = torch.cat([big, clean_steps, noisy_steps.repeat(1, copies)], 1)  # (N, T)
+    # kinds: 0 cond, 1 clean, 2 noisy, 3 time; copy: which copy of the noisy tokens (-1: not a noisy token)
+    kind = torch.cat([torch.zeros(num_cond), torch.full((nt,), 3), torch.ones(Lx), torch.full((copies * L,), 2)])
+    copy = torch.cat([torch.full((num_cond + nt + Lx,), -1), torch.arange(copies).repeat_interleave(L)])
+    kind, copy = kind.to(device), copy.to(device)
     q_step, k_step = step[:, :, None], step[:, None, :]  # (N, T, 1), (N, 1, T)
     q_kind, k_kind = kind[None, :, None], kind[None, None, :]  # (1, T, 1), (1, 1, T)
     clean_key = (k_kind == 1) & (((q_kind == 1) & (k_step <= q_step)) | ((q_kind == 2) & (k_step < q_step)))
-    noisy_key = (k_kind == 2) & (q_kind == 2) & (k_step == q_step)
+    noisy_key = (k_kind == 2) & (q_kind == 2) & (k_step == q_step) & (copy[:, None] == copy[None, :])[None]
+    time_key = (k_kind == 3) & (q_kind >= 2)  # seen by the noisy tokens and by itself
     if text_lengths is None:
-        return (k_kind == 0) | clean_key | noisy_key  # (N, T, T)
+        return (k_kind == 0) | clean_key | noisy_key | time_key  # (N, T, T)
+    if time_token or copies > 1:
+        raise ValueError("the time token and noisy copies are ablations of the class-conditional model, not for text")
     index = torch.arange(len(kind), device=device)
     q_index, k_index = index[None, :, None], index[None, None, :]  # (1, T, 1), (1, 1, T)
     after = text_after.to(device)[:, None, None]  # (N, 1, 1)

@@ -87,14 +87,15 @@ class LabelEmbedder(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with head-wise QK LayerNorm, through SDPA, optionally against a KV cache."""
+    """Multi-head attention with head-wise QK LayerNorm (qk_norm=False: none, Table 1's ablation), through SDPA,
+    optionally against a KV cache."""
 
-    def __init__(self, dim, num_heads):
+    def __init__(self, dim, num_heads, qk_norm=True):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.q_norm = nn.LayerNorm(self.head_dim)
-        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, attn_mask=None, kv=None, kv_len=0):
@@ -125,10 +126,10 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block (no AdaLN: conditioning is in-context)."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qk_norm=True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)  # eps 1e-5 everywhere, as in the authors' code
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, qk_norm)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -166,7 +167,7 @@ class KVCache:
 class CausalFusion(nn.Module):
     def __init__(self, size=None, hidden_size=None, depth=None, num_heads=None, input_size=32, patch_size=2,
                  in_channels=4, num_classes=1000, num_cond_tokens=4, cond_repeat=1, learn_pos=False, mlp_ratio=4.0,
-                 text_vocab=0, text_len=0, text_sees_noisy=False):
+                 text_vocab=0, text_len=0, text_sees_noisy=False, qk_norm=True, time_token=False):
         super().__init__()
         if size is not None:
             if size not in SIZES:
@@ -182,13 +183,17 @@ class CausalFusion(nn.Module):
         if text_vocab:  # the multimodal model; the class-conditional config (and checkpoints) stay as they were
             self.config.update(text_vocab=text_vocab, text_len=text_len, text_sees_noisy=text_sees_noisy)
             num_cond_tokens = text_len
+        if time_token and text_vocab:
+            raise ValueError("time_token (Table 1's in-context DiT ablation) is for class-conditional models")
+        if not qk_norm or time_token:  # Table 1's ablations; recorded only when used, like the text options
+            self.config.update(qk_norm=qk_norm, time_token=time_token)
         self.patch_size, self.in_channels, self.input_size = patch_size, in_channels, input_size
         self.num_classes, self.num_cond_tokens, self.num_heads = num_classes, num_cond_tokens, num_heads
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size ** 2
         self.token_dim = patch_size * patch_size * in_channels
         self.grad_checkpointing = False
-        self.text_vocab, self.text_sees_noisy = text_vocab, text_sees_noisy
+        self.text_vocab, self.text_sees_noisy, self.time_token = text_vocab, text_sees_noisy, time_token
 
         self.x_proj = nn.Linear(self.token_dim, hidden_size)  # shared by clean and noisy tokens
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -201,7 +206,7 @@ class CausalFusion(nn.Module):
             self.text_pos_embed = nn.Parameter(torch.zeros(1, text_len, hidden_size))  # learnable (Table 11)
         else:
             self.cond_pos_embed = nn.Parameter(torch.zeros(1, num_cond_tokens, hidden_size))
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.final_layer = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, self.token_dim))
         if text_vocab:
             self.text_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, text_vocab))
@@ -224,8 +229,6 @@ class CausalFusion(nn.Module):
         else:
             nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
             nn.init.normal_(self.cond_pos_embed, std=0.02)
-        for layer in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(layer.weight, std=0.02)
         nn.init.zeros_(self.final_layer[1].weight)  # predict zero noise at the start
         nn.init.zeros_(self.final_layer[1].bias)
 
@@ -253,6 +256,10 @@ class CausalFusion(nn.Module):
         or text (N, Lt) ids in their place; attn_mask (N, T, T) bool from mask.causal_mask, True = may attend."""
         clean_pos = pos[:, :clean.shape[1]] if clean_pos is None else clean_pos
         cond = self.embed_cond(y) if text is None else self.embed_text(text)
+        if self.time_token:  # [cond | time | clean | noisy]: t as one token of its own, not added to noisy ones
+            if t.dim() != 1:
+                raise ValueError(f"a time-token model takes one timestep per sample, t (N,); got {tuple(t.shape)}")
+            cond, t = torch.cat([cond, self.t_embedder(t)[:, None]], 1), None  # (N, Lc + 1, D)
         h = torch.cat([cond, self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t)], 1)
         attn_mask = attn_mask[:, None]  # (N, 1, T, T): one mask for all heads
         for block in self.blocks:
@@ -265,16 +272,18 @@ class CausalFusion(nn.Module):
 
     # ---- inference through a KV cache (sample.py) ----
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
-        param = self.x_proj.weight
-        return KVCache(len(self.blocks), batch, self.num_heads, max_len or self.num_cond_tokens + self.num_tokens,
+        param = self.x_proj.weight  # (a time token passes through the cache while it denoises: one more slot)
+        max_len = max_len or self.num_cond_tokens + self.num_tokens + self.time_token
+        return KVCache(len(self.blocks), batch, self.num_heads, max_len,
                        self.x_proj.out_features // self.num_heads, dtype or param.dtype, device or param.device)
 
-    def _run_cached(self, h, cache, keep, among=None, visible=None):
+    def _run_cached(self, h, cache, keep, among=None, visible=None, attn_mask=None):
         """Run h (N, k, D) against the cache; keep: append its keys and values for good, with `visible` (N, k)
-        (default all) saying which of them later tokens may see. among (k, k): the mask among h's tokens."""
+        (default all) saying which of them later tokens may see. among (k, k): the mask among h's tokens;
+        attn_mask (k, length + k): the whole mask instead."""
         k = h.shape[1]
         cache.check_room(k)
-        attn_mask = cache.attn_mask(k, among)
+        attn_mask = cache.attn_mask(k, among) if attn_mask is None else attn_mask
         for block, kv in zip(self.blocks, cache.layers):
             h = block(h, attn_mask, kv=kv, kv_len=cache.length)
         if keep:
@@ -315,4 +324,12 @@ class CausalFusion(nn.Module):
     def denoise(self, cache, noisy, t, pos):
         """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,), seeing the
         cache and each other (the current AR step); the cache is left as it was."""
-        return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t), cache, keep=False))
+        if not self.time_token:
+            return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t), cache, keep=False))
+        # the time token goes first: it sees the cond tokens and itself, as in training; the noisy tokens see it
+        k, length = noisy.shape[1], cache.length
+        sees = torch.ones(k + 1, length + k + 1, dtype=torch.bool, device=noisy.device)  # (1 + k, length + 1 + k)
+        sees[0, self.num_cond_tokens:] = False
+        sees[0, length] = True
+        h = torch.cat([self.t_embedder(t)[:, None], self.embed_tokens(noisy, pos)], 1)  # (N, 1 + k, D)
+        return self.final_layer(self._run_cached(h, cache, keep=False, attn_mask=sees)[:, 1:])

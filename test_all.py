@@ -53,10 +53,14 @@ def test_config_overrides():
 
 
 # ----------------------------------------------------------------------------------------- mask.py
-def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_after=False, sees_noisy=False):
-    """The rules of SPEC.md Sec. 2 and 9, one token pair at a time (a text in the cond slots if text_length)."""
-    kinds = ["cond"] * num_cond + ["clean"] * len(clean_steps) + ["noisy"] * len(noisy_steps)
-    steps = [-1] * num_cond + list(clean_steps) + list(noisy_steps)
+def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_after=False, sees_noisy=False,
+                     time_token=False, copies=1):
+    """The rules of SPEC.md Sec. 2 and 9, one token pair at a time (a text in the cond slots if text_length);
+    Table 1's time token (seen by noisy tokens, seeing cond tokens) and Table 7's copies of the noisy tokens."""
+    kinds = (["cond"] * num_cond + ["time"] * time_token + ["clean"] * len(clean_steps) +
+             ["noisy"] * (copies * len(noisy_steps)))
+    steps = [-1] * (num_cond + time_token) + list(clean_steps) + list(noisy_steps) * copies
+    copy = [-1] * (num_cond + time_token + len(clean_steps)) + [j for j in range(copies) for _ in noisy_steps]
     n = len(kinds)
     out = torch.zeros(n, n, dtype=torch.bool)
     for q in range(n):
@@ -67,12 +71,15 @@ def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_
                 ok = not text_after and k < text_length
             elif kinds[k] == "cond":
                 ok = True
-            elif kinds[q] == "cond":
+            elif kinds[k] == "time":
+                ok = kinds[q] in ("time", "noisy")
+            elif kinds[q] in ("cond", "time"):
                 ok = False
             elif kinds[q] == "clean":
                 ok = kinds[k] == "clean" and steps[k] <= steps[q]
             else:
-                ok = (kinds[k] == "clean" and steps[k] < steps[q]) or (kinds[k] == "noisy" and steps[k] == steps[q])
+                ok = (kinds[k] == "clean" and steps[k] < steps[q]) or (
+                    kinds[k] == "noisy" and steps[k] == steps[q] and copy[k] == copy[q])
             out[q, k] = ok
     return out
 
@@ -115,6 +122,20 @@ def test_mask_vs_brute_force():
                 clean = noisy if static else noisy[noisy < num_steps[b] - 1]
                 got = mask.causal_mask(clean[None], noisy[None], num_cond=3)[0]
                 assert torch.equal(got, brute_force_mask(3, clean.tolist(), noisy.tolist())), (L, b, static)
+
+
+def test_mask_time_token_and_noisy_copies_vs_brute_force():
+    g = torch.Generator().manual_seed(2)
+    for L in (1, 5, 16):
+        num_steps = mask.sample_num_steps(4, L, 0.9, g)
+        steps = mask.sample_step_ids(num_steps, L, g)
+        for time_token, copies in ((True, 1), (False, 3), (True, 2)):
+            for clean_len in (L, 0):
+                got = mask.causal_mask(steps[:, :clean_len], steps, 2, time_token=time_token, copies=copies)
+                for b in range(4):
+                    ref = brute_force_mask(2, steps[b, :clean_len].tolist(), steps[b].tolist(), time_token=time_token,
+                                           copies=copies)
+                    assert torch.equal(got[b], ref), (L, time_token, copies, clean_len, b)
 
 
 def test_mask_with_text_vs_brute_force():
@@ -203,12 +224,12 @@ def _check_cache_matches_forward(model, split_sizes, cfg=False):
     clean, noisy, order, _, t, y = _training_inputs(model, n, torch.full((n,), S), g)
     steps = torch.repeat_interleave(torch.arange(S), torch.tensor(split_sizes)).expand(n, L)
     with torch.no_grad():
-        attn = mask.causal_mask(steps, steps, model.num_cond_tokens)
+        attn = mask.causal_mask(steps, steps, model.num_cond_tokens, time_token=model.time_token)
         ref = model(clean, noisy, t, y, order, attn)  # (N, L, P)
         batch = 2 * n if cfg else n
         labels = torch.cat([y, torch.full_like(y, model.num_classes)]) if cfg else y
         rep = (lambda a: torch.cat([a, a])) if cfg else (lambda a: a)
-        cache = model.new_cache(batch, model.num_cond_tokens + L)
+        cache = model.new_cache(batch)
         model.prefill(cache, labels)
         start, got = 0, []
         for size in split_sizes:
@@ -235,6 +256,42 @@ def test_kv_cache_matches_forward_ar_mode():
 
 def test_kv_cache_repeated_class_tokens_and_learned_pos():
     _check_cache_matches_forward(tiny_model(num_cond_tokens=8, cond_repeat=4, learn_pos=True), [6, 10])
+
+
+def test_time_token_and_no_qk_norm_ablations():
+    # Table 1: the time step as a token of its own, [cond | time | clean | noisy]; the cached path equals the
+    # forward (so the clean tokens, cached once, do not depend on t) and t reaches the eps through that token
+    model = tiny_model(time_token=True)
+    for sizes, cfg in (([16], False), ([3, 5, 1, 7], False), ([5, 11], True)):
+        _check_cache_matches_forward(model, sizes, cfg)
+    g = torch.Generator().manual_seed(3)
+    clean, noisy, order, steps, t, y = _training_inputs(model, 2, torch.tensor([1, 3]), g)
+    lengths = []
+    hook = model.blocks[0].register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape[1]))
+    with torch.no_grad():
+        attn = mask.causal_mask(steps, steps, 4, time_token=True)
+        eps = model(clean, noisy, t, y, order, attn)
+        eps_other_t = model(clean, noisy, t + 100, y, order, attn)
+    hook.remove()
+    assert attn.shape == (2, 4 + 1 + 32, 37) and lengths == [37, 37] and eps.shape == noisy.shape
+    assert (eps - eps_other_t).abs().max() > 1e-4
+    assert model.config["time_token"] and "time_token" not in tiny_model().config  # old configs stay as they were
+    # QK LayerNorm off: no q_norm / k_norm parameters; the cache still equals the forward
+    plain = tiny_model(qk_norm=False)
+    assert not [k for k in plain.state_dict() if "q_norm" in k or "k_norm" in k]
+    _check_cache_matches_forward(plain, [6, 10])
+
+
+def test_init_is_the_authors():
+    # xavier_uniform on every Linear, the timestep MLP's too (the authors' _basic_init), zero biases, zero head
+    torch.manual_seed(0)
+    model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=4, num_classes=10)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name != "final_layer.1":
+            bound = math.sqrt(6 / (m.in_features + m.out_features))
+            assert m.weight.abs().max() <= bound and m.weight.std() > 0.9 * bound / math.sqrt(3), name
+            assert m.bias is None or not m.bias.any(), name
+    assert not model.final_layer[1].weight.any()
 
 
 def tiny_text_model(**kw):

@@ -327,7 +327,8 @@ def overfit_text_model():
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
         diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-        cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.1)
+        cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.1,
+                   noisy_copies=1)
         for _ in range(400):
             k = torch.randint(4, (n,), generator=g)
             order = mask.token_order(n, 4, 4, "random", g)

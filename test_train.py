@@ -335,3 +335,64 @@ def test_fixed_ar_steps_train_and_block_size():
         plain = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0),
                                        dict(cfg, ar_steps_train=0, order_block=4), 1000)
         assert not plain["steps"].eq(b["steps"]).all() and torch.equal(plain["noise"], b["noise"])
+
+
+def test_noisy_copies_and_per_batch_split():
+    # Table 7's "K x t per AR step": K noisy copies at their own timesteps share the clean tokens and do not see
+    # each other, so the loss is the mean of the K one-copy losses
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_tiny_data(tmp))
+        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
+        torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
+        L, K = 16, 3
+        for per_step_t in (False, True):
+            cfg = dict(train.config, noisy_copies=K, per_step_t=per_step_t)
+            b = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+            assert b["noise"].shape == (8, K * L, 12) and b["t"].shape == (8, K * L)
+            t = b["t"].view(8, K, L)
+            if per_step_t:  # one t per AR step of each copy
+                for i in range(8):
+                    for j in range(K):
+                        assert all(t[i, j, b["steps"][i] == v].unique().numel() == 1 for v in b["steps"][i].unique())
+                assert sum(t[i, 0].unique().numel() for i in range(8)) > 8  # several steps, several t
+            else:
+                assert (t == t[:, :, :1]).all() and (t[:, 0] != t[:, 1]).any()
+            with torch.no_grad():
+                loss = train.forward_losses(model, model, train.Diffusion(), b, cfg)[0]
+                parts = [train.forward_losses(model, model, train.Diffusion(),
+                                              dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
+                                              dict(cfg, noisy_copies=1))[0] for j in range(K)]
+            assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5), (loss, parts)
+        # the authors' split: one S and one split per micro-batch (the default draws one per sample)
+        per_batch = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0),
+                                           dict(train.config, split="batch"), 1000)["steps"]
+        per_sample = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), train.config,
+                                            1000)["steps"]
+        assert (per_batch == per_batch[:1]).all() and per_batch.max() > 0
+        assert not (per_sample == per_sample[:1]).all()
+
+
+def test_table1_ablations_train_and_sample():
+    # a time-token model without QK norm trains through train.py, resumes with its options, and samples in AR mode
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--out", os.path.join(tmp, "run"), "--time-token", "--qk-norm",
+                       "false", "--split", "batch"]
+        train.main(args + ["--max-steps", "3"])
+        ckpt = torch.load(os.path.join(tmp, "run", "ckpt.pt"), map_location="cpu", weights_only=True)
+        assert ckpt["model_config"]["time_token"] and not ckpt["model_config"]["qk_norm"]
+        assert not [k for k in ckpt["model"] if "q_norm" in k]
+        train.main(args + ["--max-steps", "4", "--resume"])
+        out = os.path.join(tmp, "s.npz")
+        subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", os.path.join(tmp, "run", "ckpt.pt"),
+                        "--num-samples", "2", "--steps", "3", "--ar-steps", "4", "--out", out], check=True,
+                       capture_output=True, timeout=300)
+        assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)
+        for bad, word in ((["--time-token", "--per-step-t"], "--time-token"), (["--noisy-copies", "0"], "--noisy-copies"),
+                          (["--split", "image"], "--split")):
+            try:
+                train.main(TINY + ["--data", os.path.join(tmp, "latents"), "--out", os.path.join(tmp, "bad"),
+                                   "--max-steps", "1"] + bad)
+            except ValueError as e:
+                assert word in str(e), e
+            else:
+                raise AssertionError(f"{bad} accepted")

@@ -51,13 +51,17 @@ config = dict(
     num_cond_tokens=4,  # class tokens (paper: 4 for ablations, 64 system-level)
     cond_repeat=1,  # the class tokens are num_cond_tokens / cond_repeat unique ones, repeated (App. B)
     learn_pos=False,  # learnable position embedding initialized from sin-cos (paper: system-level)
+    qk_norm=True,  # head-wise QK LayerNorm in attention (Table 1: off in the native in-context DiT)
+    time_token=False,  # the timestep as a token of its own instead of added to the noisy tokens (Table 1)
     # CausalFusion training choices (paper Sec. 5, App. B)
     gamma=0.9,  # AR-step decay: P(S = k) ~ gamma^(k-1); 0 = in-context DiT, 1 = uniform
     ar_lambda=2.0,  # loss weight of the first AR step, decaying linearly to 1 (Table 3c)
     order="random",  # token order: random, raster or block_raster (Table 3b)
     order_block=2,  # block side (in tokens) of --order block_raster (Table 3b)
     ar_steps_train=0,  # a fixed number of AR steps S_train of L / S_train tokens each (Table 2); 0 = random (gamma)
+    split="sample",  # AR split drawn per sample, or per batch (one S and one split per micro-batch, the authors')
     per_step_t=False,  # one diffusion timestep per AR step instead of one per image (App. B, Table 7)
+    noisy_copies=1,  # K noisy copies per image at K timesteps sharing its clean tokens (Table 7's K x t rows)
     class_dropout=0.1,  # probability of the null class, for classifier-free guidance
     flip=True,  # random horizontal flips (paper); false for captions that name left and right
     # multimodal model (paper Sec. 6, Table 11): trained when --data holds captions (metadata.jsonl)
@@ -73,6 +77,7 @@ config = dict(
     lr=2e-3,  # AdamW learning rate after warmup (paper: 1e-4 at batch 2048)
     betas=(0.9, 0.95),  # AdamW betas
     weight_decay=0.0,  # AdamW weight decay
+    adam_eps=1e-15,  # AdamW epsilon (the authors' --eps; torch's default is 1e-8)
     warmup_steps=100,  # linear lr warmup, then constant (paper: 40 epochs)
     grad_clip=1.0,  # max global grad norm (0 = no clipping)
     ema_decay=0.999,  # EMA of the weights, warmed up as min(ema_decay, (1 + step) / (10 + step)) (DiT: 0.9999)
@@ -184,7 +189,7 @@ def step_indices(step, batch, n, seed):
 
 
 def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None):
-    """One micro-batch, in AR order: a dict of clean tokens (B, L, P), noise (B, L, P), t (B,) or (B, L),
+    """One micro-batch, in AR order: a dict of clean tokens (B, L, P), noise (B, K L, P), t (B,) or (B, K L),
     labels y (B,), order (B, L) (the image position of each AR slot) and steps (B, L) (AR step ids). With a
     tokenizer (captioned data) also one caption per example, drawn from its captions: text (B, Lt) ids,
     text_len (B,) real tokens, text_after (B,) (True: the image comes first and is captioned), and truncated
@@ -193,17 +198,22 @@ def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None
     n, L = len(indices), model.num_tokens
     y = torch.where(torch.rand(n, generator=g) < cfg["class_dropout"], model.null_class, y)
     order = mask.token_order(n, model.grid_size, model.grid_size, cfg["order"], g, cfg["order_block"])
-    num_steps = mask.sample_num_steps(n, L, cfg["gamma"], g)
-    steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g)
+    draws = n if cfg["split"] == "sample" else 1  # per batch: one S and one split for the whole micro-batch
+    num_steps = mask.sample_num_steps(draws, L, cfg["gamma"], g)
+    steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g).expand(n, L).contiguous()
     if cfg["ar_steps_train"]:  # (drawn above all the same: the stream stays that of a random-S run)
         steps = mask.step_ids_from_sizes(mask.equal_split(cfg["ar_steps_train"], L)).expand(n, L).clone()
-    if cfg["per_step_t"]:
-        t = torch.randint(0, num_timesteps, (n, L), generator=g).gather(1, steps)  # t of each slot's AR step
+    K = cfg["noisy_copies"]
+    if cfg["per_step_t"]:  # the t of each slot's AR step, per copy
+        t = torch.randint(0, num_timesteps, (n, K, L), generator=g).gather(2, steps[:, None].expand(n, K, L))
+        t = t.flatten(1)  # (B, K L)
     else:
-        t = torch.randint(0, num_timesteps, (n,), generator=g)
+        t = torch.randint(0, num_timesteps, (n, K), generator=g)
+        t = t[:, 0] if K == 1 else t.repeat_interleave(L, 1)  # (B,) or (B, K L)
     tokens = patchify(x, model.patch_size)  # (B, L, P) in image order
     clean = tokens.gather(1, order[..., None].expand_as(tokens))  # (B, L, P) in AR order
-    batch = dict(clean=clean, noise=torch.randn(clean.shape, generator=g), t=t, y=y, order=order, steps=steps)
+    noise = torch.randn(n, K * L, clean.shape[2], generator=g)  # (B, K L, P)
+    batch = dict(clean=clean, noise=noise, t=t, y=y, order=order, steps=steps)
     if tokenizer is not None:
         pick = torch.rand(n, generator=g).tolist()
         captions = [data.captions[i][int(u * len(data.captions[i]))] for i, u in zip(indices.tolist(), pick)]
@@ -219,17 +229,19 @@ def forward_losses(train_model, model, diffusion, b, cfg):
 
     The layout is [cond or text | clean | noisy], static from step to step; when every example is one AR step
     (--gamma 0 or --ar-steps-train 1 without text, or --transfusion) no noisy token sees a clean one, so the clean
-    ones are left out."""
-    steps, order, text = b["steps"], b["order"], b.get("text")
+    ones are left out. With --noisy-copies K the noisy segment is K copies of the image, noised at their own t.
+    """
+    steps, order, text, K = b["steps"], b["order"], b.get("text"), cfg["noisy_copies"]
     single_step = cfg["gamma"] == 0 or cfg["ar_steps_train"] == 1
     keep_clean = not (cfg["transfusion"] or (single_step and text is None))
-    clean_steps = steps if keep_clean else steps[:, :0]
-    attn_mask = mask.causal_mask(clean_steps, steps, model.num_cond_tokens, b.get("text_len"), b.get("text_after"),
-                                 cfg["transfusion"])  # (B, T, T)
-    xt = diffusion.q_sample(b["clean"], b["t"], b["noise"])
-    out = train_model(b["clean"][:, :clean_steps.shape[1]], xt, b["t"], b["y"], order, attn_mask, text=text)
+    Lx = steps.shape[1] if keep_clean else 0
+    attn_mask = mask.causal_mask(steps[:, :Lx], steps, model.num_cond_tokens, b.get("text_len"), b.get("text_after"),
+                                 cfg["transfusion"], model.time_token, K)  # (B, T, T)
+    xt = diffusion.q_sample(b["clean"].repeat(1, K, 1), b["t"], b["noise"])  # (B, K L, P)
+    out = train_model(b["clean"][:, :Lx], xt, b["t"], b["y"], order.repeat(1, K), attn_mask, clean_pos=order[:, :Lx],
+                      text=text)
     eps, logits = (out, None) if text is None else out
-    image_loss = diffusion.eps_loss(eps, b["noise"], mask.ar_weights(steps, cfg["ar_lambda"]))
+    image_loss = diffusion.eps_loss(eps, b["noise"], mask.ar_weights(steps, cfg["ar_lambda"]).repeat(1, K))
     if text is None:
         return image_loss, image_loss, None, None
     positions = torch.arange(1, text.shape[1], device=text.device)
@@ -342,6 +354,11 @@ def train(cfg, rank, world, device):
     if dtype not in ("bf16", "fp32") or cfg["batch_size"] % micro:
         raise ValueError(f"need --dtype bf16 or fp32 (got {dtype!r}) and --batch-size ({cfg['batch_size']}) "
                          f"divisible by ranks x --grad-accum ({world} x {cfg['grad_accum']})")
+    if cfg["split"] not in ("sample", "batch"):
+        raise ValueError(f"--split must be sample or batch, got {cfg['split']!r}")
+    if cfg["noisy_copies"] < 1 or (cfg["time_token"] and (cfg["per_step_t"] or cfg["noisy_copies"] > 1)):
+        raise ValueError(f"--noisy-copies must be >= 1 (got {cfg['noisy_copies']}), and --time-token (one timestep "
+                         f"per image) goes with neither --per-step-t nor --noisy-copies > 1")
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -359,17 +376,21 @@ def train(cfg, rank, world, device):
     data_info = {"vae": data.vae, "vae_ckpt": data.meta.get("vae_ckpt"), "scale_factor": data.scale_factor,
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
+    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
+        raise ValueError(f"--data {data_dir} holds captions: --noisy-copies and --time-token (Tables 1 and 7) are "
+                         f"ablations of the class-conditional model")
     text_options = {} if tokenizer is None else dict(text_vocab=tokenizer.vocab_size, text_len=cfg["text_len"],
                                                      text_sees_noisy=cfg["transfusion"])
     torch.manual_seed(cfg["seed"])
     model = CausalFusion(cfg["size"], input_size=h, patch_size=cfg["patch_size"], in_channels=c,
                          num_classes=data.num_classes, num_cond_tokens=cfg["num_cond_tokens"],
-                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], **text_options).to(device)
+                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], qk_norm=cfg["qk_norm"],
+                         time_token=cfg["time_token"], **text_options).to(device)
     model.grad_checkpointing = cfg["grad_checkpointing"]
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
-                                  fused=device.type == "cuda")
+                                  eps=cfg["adam_eps"], fused=device.type == "cuda")
     step = 0
     if cfg["resume"]:
         ckpt = load_checkpoint(ckpt_path, model.config, data_info, tokenizer)

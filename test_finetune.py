@@ -1,0 +1,149 @@
+"""Tests of finetune.py: the ViT body against the blocks run by hand, the frozen probe, MAE's layer-wise lr decay,
+cutmix's label weights, LARS by hand, and an exactly resumed run."""
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+import finetune
+import train
+from test_train import TINY, _tiny_data
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TMP = tempfile.TemporaryDirectory()  # a pretrained tiny checkpoint shared by the tests of one run
+
+
+def pretrained():
+    """(checkpoint, latents dir) of a 3-step tiny train.py run on 8x8 shapes (10 classes, 16 tokens)."""
+    ckpt = os.path.join(TMP.name, "pre", "ckpt.pt")
+    if not os.path.exists(ckpt):
+        data = _tiny_data(os.path.join(TMP.name, "shapes"))
+        train.main(TINY + ["--data", data, "--out", os.path.join(TMP.name, "pre"), "--max-steps", "3",
+                           "--grid-classes", "0"])
+    return ckpt, os.path.join(TMP.name, "shapes", "latents")
+
+
+def classifier(probe=False, drop_path=0.0):
+    model, meta = finetune.load_pretrained(pretrained()[0])
+    torch.manual_seed(0)
+    return finetune.Classifier(model, meta["num_classes"], drop_path, probe), model
+
+
+def test_body_is_the_pretrained_blocks_without_cond_or_time():
+    # features = the generator's own x_proj + pos_embed and Block.forward with full attention, averaged, LayerNorm
+    clf, gen = classifier(drop_path=0.3)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h = gen.x_proj(finetune.patchify(x, 2)) + gen.pos_embed  # (N, L, D)
+        for block in gen.blocks:
+            h = block(h)
+        ref = torch.nn.functional.layer_norm(h.mean(1), (h.shape[2],))
+        got = clf.eval().features(x)
+        assert torch.allclose(got, ref, atol=1e-5), (got - ref).abs().max()
+        clf.train()  # drop path: a branch is dropped for some samples, so train-mode features differ
+        assert not torch.allclose(clf.features(x, torch.Generator().manual_seed(1)), ref, atol=1e-3)
+    names = {n for n, _ in clf.named_parameters()}
+    assert not [n for n in names if n.startswith(("t_embedder", "y_embedder", "cond_pos_embed"))]
+    assert {"x_proj.weight", "blocks.0.attn.qkv.weight", "fc_norm.weight", "head.weight"} <= names
+
+
+def test_probe_body_gets_no_gradient():
+    clf, gen = classifier(probe=True)
+    before = {n: p.clone() for n, p in clf.named_parameters()}
+    opt = finetune.LARS([dict(params=list(clf.head.parameters()))], lr=0.5)
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(clf(x), y).backward()
+        opt.step()
+    for n, p in clf.named_parameters():
+        if n.startswith("head."):
+            assert p.grad is not None and not torch.equal(p, before[n]), n
+        else:
+            assert p.grad is None and not p.requires_grad and torch.equal(p, before[n]), n
+    assert isinstance(clf.bn, torch.nn.BatchNorm1d) and not clf.bn.affine
+
+
+def test_layer_decay_groups():
+    clf, _ = classifier()
+    depth = len(clf.blocks)  # 4 for size T
+    scale, decay = {}, {}
+    for group in finetune.param_groups(clf, 0.05, 0.75):
+        for p in group["params"]:
+            scale[id(p)], decay[id(p)] = group["lr_scale"], group["weight_decay"]
+    for name, p in clf.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in scale, name  # the fixed sin-cos position embedding
+            continue
+        layer = 0 if name.startswith("x_proj") else int(name.split(".")[1]) + 1 if name.startswith("blocks") else 5
+        assert math.isclose(scale[id(p)], 0.75 ** (depth + 1 - layer)), name
+        assert decay[id(p)] == (0.0 if p.ndim == 1 else 0.05), name
+
+
+def test_cutmix_and_mixup_targets():
+    # each sample is a constant image of its own value; cutmix's label weight is the share of its own pixels
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(6.0)[:, None, None, None].expand(6, 1, 8, 8)
+    y = torch.arange(6)
+    cfg = dict(finetune.config, smoothing=0.0, mixup=0.0, cutmix=1.0)
+    for _ in range(10):
+        mixed, target = finetune.mix(x, y, 6, cfg, g)
+        own = (mixed == x).float().flatten(1).mean(1)
+        assert torch.allclose(target[y, y], own) and torch.allclose(target.sum(1), torch.ones(6))
+    mixed, target = finetune.mix(x, y, 6, dict(cfg, mixup=0.8, cutmix=0.0), g)
+    lam = target[0, 0]
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))
+    _, target = finetune.mix(x, y, 6, dict(cfg, smoothing=0.1, mixup=0.0, cutmix=0.0), g)
+    assert torch.allclose(target[0], torch.tensor([0.9 + 0.1 / 6] + [0.1 / 6] * 5))
+
+
+def test_lars_step_by_hand():
+    w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    opt = finetune.LARS([dict(params=[w, b])], lr=0.1, weight_decay=0.01, momentum=0.9)
+    w0, b0 = w.detach().clone(), b.detach().clone()
+    (w.square().sum() + b.sum()).backward()
+    opt.step()
+    update = 2 * w0 + 0.01 * w0
+    assert torch.allclose(w, w0 - 0.1 * 0.001 * w0.norm() / update.norm() * update)
+    assert torch.allclose(b, b0 - 0.1 * torch.ones(3))  # biases: plain momentum SGD, no weight decay or trust ratio
+
+
+def test_finetune_resumes_exactly_and_probes():
+    ckpt, data = pretrained()
+    args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "2",
+            "--warmup-epochs", "1", "--blr", "0.05"]
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
+        # the same run stopped after its first epoch (a finished 1-epoch run of a 2-epoch schedule is not the
+        # same schedule: write the checkpoint of epoch 1 by running the 2-epoch run and killing it there)
+        proc = subprocess.run([sys.executable, "-c", f"import finetune, torch, train\ntorch.set_num_threads("
+                               f"{torch.get_num_threads()})\nsave = train.save_checkpoint\n"
+                               f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
+                               f"finetune.save_checkpoint = stop\nfinetune.main({args + ['--out', os.path.join(tmp, 'b')]!r})"],
+                              cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 3, proc.stderr
+        resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+        assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
+        a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        pre = finetune.load_pretrained(ckpt)[0].state_dict()
+        assert not torch.equal(a["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # fine-tuned
+        # the probe, with a few labels per class: only the head moves; the body is the pretrained EMA
+        probe = finetune.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",
+                                      "--probe-epochs", "2", "--probe-warmup-epochs", "1", "--per-class", "2",
+                                      "--probe-optimizer", "sgd"])
+        p = torch.load(os.path.join(tmp, "p", "ckpt.pt"), weights_only=True)
+        assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
+        assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
+        assert 0 <= probe["top1"] <= 1
+        for bad, word in ((["--weights", "best"], "--weights"), (["--probe", "--probe-optimizer", "adam"],
+                                                                 "--probe-optimizer"), (["--per-class", "0", "--batch-size", "4096"], "batch")):
+            try:
+                finetune.main(args + ["--out", os.path.join(tmp, "bad")] + bad)
+            except ValueError as e:
+                assert word in str(e), e
+            else:
+                raise AssertionError(f"{bad} accepted")

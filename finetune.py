@@ -389,8 +389,11 @@ def finetune(cfg, rank, world, device):
         epoch_done = step % steps_per_epoch == 0
         epoch = step // steps_per_epoch
         if epoch_done and (epoch % cfg["eval_every"] == 0 or step == total):
-            loss_value = torch.stack(losses).mean().item()
+            loss_mean = torch.stack(losses).mean()
             losses.clear()
+            if world > 1:
+                dist.all_reduce(loss_mean)
+            loss_value = loss_mean.item() / world
             acc = evaluate(model, val_data, micro_size, device, autocast, rank, world)
             history.append(dict(epoch=epoch, step=step, loss=loss_value, top1=acc))
             bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.3f}")

@@ -147,3 +147,22 @@ def test_finetune_resumes_exactly_and_probes():
                 assert word in str(e), e
             else:
                 raise AssertionError(f"{bad} accepted")
+
+
+def test_torchrun_two_ranks_match_grad_accum():
+    # 2 ranks draw micro-batches 0 and 1 of each step, as one process accumulating 2; the held-out accuracy is
+    # counted over both ranks' shares
+    ckpt, data = pretrained()
+    args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "1",
+            "--warmup-epochs", "1", "--blr", "0.05"]
+    with tempfile.TemporaryDirectory() as tmp:
+        one = finetune.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                              "finetune.py", *args, "--out", os.path.join(tmp, "two")], cwd=HERE,
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        two = torch.load(os.path.join(tmp, "two", "ckpt.pt"), weights_only=True)
+        a = torch.load(os.path.join(tmp, "one", "ckpt.pt"), weights_only=True)["model"]
+        assert two["history"][0]["top1"] == one["history"][0]["top1"]
+        assert math.isclose(two["history"][0]["loss"], one["history"][0]["loss"], abs_tol=1e-6)
+        assert all(torch.allclose(a[k], two["model"][k], atol=1e-5) for k in a)

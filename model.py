@@ -9,6 +9,10 @@ The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the cond segm
 text embedding plus a learnable text position embedding, the same blocks, and a next-token head. Where the
 text stands (before or after the image) is a matter of the mask only, so the layout stays static.
 
+Table 1's in-context DiT variants are options: time_token=True puts the timestep in a token of its own after
+the cond tokens (seen by the noisy tokens only) instead of adding it to every noisy token; qk_norm=False drops
+the head-wise QK LayerNorm.
+
 Parameter names are the authors', so their checkpoints load with strict=True.
 """
 import math

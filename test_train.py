@@ -89,9 +89,13 @@ def test_ddp_two_processes_match_one_process():
             (two_losses, one["losses"])
         a, b = _load(os.path.join(tmp, "one", "ckpt.pt")), _load(os.path.join(tmp, "two", "ckpt.pt"))
         assert a["step"] == b["step"] == 3
-        # 1e-5: the sums run in another order, and Adam turns the rounding noise of gradients that are exactly
-        # zero in exact arithmetic (k_norm.bias: a key offset does not change softmax) into ~1e-6 updates
-        assert _same_state(a["model"], b["model"], atol=1e-5) and _same_state(a["ema"], b["ema"], atol=1e-5)
+        # 1e-5: the sums run in another order. k_norm.bias is left out: its gradient is zero in exact arithmetic (a
+        # key offset does not change softmax), and Adam with the authors' eps 1e-15 turns the rounding noise left in
+        # its place into full lr-size steps of random sign, different in every summation order
+        same = lambda sd: {k: v for k, v in sd.items() if not k.endswith("k_norm.bias")}
+        assert _same_state(same(a["model"]), same(b["model"]), atol=1e-5), \
+            [k for k in same(a["model"]) if not torch.allclose(a["model"][k], b["model"][k], rtol=0, atol=1e-5)]
+        assert _same_state(same(a["ema"]), same(b["ema"]), atol=1e-5)
 
 
 def test_resume_after_kill_while_saving_reproduces_straight_run():

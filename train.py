@@ -348,10 +348,10 @@ def open_data(cfg, rank):
     return data_dir, data, tokenizer
 
 
-def train(cfg, rank, world, device):
-    out, micro = cfg["out"], world * cfg["grad_accum"]
+def check_options(cfg, world, device):
+    """Raise a ValueError naming the option for a combination training cannot run; returns the autocast dtype."""
     dtype = cfg["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype not in ("bf16", "fp32") or cfg["batch_size"] % micro:
+    if dtype not in ("bf16", "fp32") or cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise ValueError(f"need --dtype bf16 or fp32 (got {dtype!r}) and --batch-size ({cfg['batch_size']}) "
                          f"divisible by ranks x --grad-accum ({world} x {cfg['grad_accum']})")
     if cfg["split"] not in ("sample", "batch"):
@@ -359,6 +359,51 @@ def train(cfg, rank, world, device):
     if cfg["noisy_copies"] < 1 or (cfg["time_token"] and (cfg["per_step_t"] or cfg["noisy_copies"] > 1)):
         raise ValueError(f"--noisy-copies must be >= 1 (got {cfg['noisy_copies']}), and --time-token (one timestep "
                          f"per image) goes with neither --per-step-t nor --noisy-copies > 1")
+    return dtype
+
+
+def build_model(cfg, data, tokenizer, device):
+    """The model for the data (a text model for captions), its EMA copy, trainable parameters and AdamW."""
+    c, h, w = data.latent_shape
+    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
+        raise ValueError(f"--data {cfg['data'] or 'the captioned demo'} holds captions: --noisy-copies and "
+                         f"--time-token (Tables 1 and 7) are ablations of the class-conditional model")
+    text_options = {} if tokenizer is None else dict(text_vocab=tokenizer.vocab_size, text_len=cfg["text_len"],
+                                                     text_sees_noisy=cfg["transfusion"])
+    torch.manual_seed(cfg["seed"])
+    model = CausalFusion(cfg["size"], input_size=h, patch_size=cfg["patch_size"], in_channels=c,
+                         num_classes=data.num_classes, num_cond_tokens=cfg["num_cond_tokens"],
+                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], qk_norm=cfg["qk_norm"],
+                         time_token=cfg["time_token"], **text_options).to(device)
+    model.grad_checkpointing = cfg["grad_checkpointing"]
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
+                                  eps=cfg["adam_eps"], fused=device.type == "cuda")
+    return model, ema, params, optimizer
+
+
+def save_sample_grid(ema, cfg, data, tokenizer, vae, device, autocast, path):
+    """EMA samples in a grid: one row per class evenly spaced over the classes, or for a text model one row per
+    caption (the first captions of evenly spaced training images), labelled with it."""
+    rows, cols = cfg["grid_classes"], cfg["grid_per_class"]
+    if tokenizer is None:
+        classes = torch.linspace(0, data.num_classes - 1, min(rows, data.num_classes)).round().long()
+        prompts, kwargs = None, dict(labels=classes.repeat_interleave(cols))
+    else:
+        prompts = [data.captions[int(i)][0] for i in torch.linspace(0, len(data) - 1, rows).round().long()]
+        kwargs = dict(texts=[p for p in prompts for _ in range(cols)], tokenizer=tokenizer)
+    with autocast:
+        tokens = sample_latents(ema, cfg, device, cfg["seed"], **kwargs)
+    images = tokens_to_images(tokens, ema, vae, data.scale_factor)  # (N, H, W, 3) uint8
+    zoom = max(1, 64 // images.shape[1])  # show small images at 64 px or more
+    captions = None if prompts is None else [p if j == 0 else "" for p in prompts for j in range(cols)]
+    save_grid(images.repeat(zoom, 1).repeat(zoom, 2), path, ncol=cols, captions=captions)
+
+
+def train(cfg, rank, world, device):
+    out, micro = cfg["out"], world * cfg["grad_accum"]
+    dtype = check_options(cfg, world, device)
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -372,25 +417,10 @@ def train(cfg, rank, world, device):
                 f.write(msg + "\n")
 
     data_dir, data, tokenizer = open_data(cfg, rank)
-    c, h, w = data.latent_shape
     data_info = {"vae": data.vae, "vae_ckpt": data.meta.get("vae_ckpt"), "scale_factor": data.scale_factor,
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
-    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
-        raise ValueError(f"--data {data_dir} holds captions: --noisy-copies and --time-token (Tables 1 and 7) are "
-                         f"ablations of the class-conditional model")
-    text_options = {} if tokenizer is None else dict(text_vocab=tokenizer.vocab_size, text_len=cfg["text_len"],
-                                                     text_sees_noisy=cfg["transfusion"])
-    torch.manual_seed(cfg["seed"])
-    model = CausalFusion(cfg["size"], input_size=h, patch_size=cfg["patch_size"], in_channels=c,
-                         num_classes=data.num_classes, num_cond_tokens=cfg["num_cond_tokens"],
-                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], qk_norm=cfg["qk_norm"],
-                         time_token=cfg["time_token"], **text_options).to(device)
-    model.grad_checkpointing = cfg["grad_checkpointing"]
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
-                                  eps=cfg["adam_eps"], fused=device.type == "cuda")
+    model, ema, params, optimizer = build_model(cfg, data, tokenizer, device)
     step = 0
     if cfg["resume"]:
         ckpt = load_checkpoint(ckpt_path, model.config, data_info, tokenizer)
@@ -425,23 +455,6 @@ def train(cfg, rank, world, device):
                              "step": step, "config": cfg, "model_config": model.config, "data": data_info,
                              "rng": {"torch": torch.get_rng_state()}, **extra},
                             out, cfg["keep_every"] and step % cfg["keep_every"] == 0)
-
-    def sample_grid():
-        rows, cols = cfg["grid_classes"], cfg["grid_per_class"]
-        if tokenizer is None:
-            classes = torch.linspace(0, data.num_classes - 1, min(rows, data.num_classes)).round().long()
-            prompts, kwargs = None, dict(labels=classes.repeat_interleave(cols))  # one row per class
-        else:  # one row per caption, the first captions of evenly spaced training images
-            prompts = [data.captions[int(i)][0] for i in torch.linspace(0, len(data) - 1, rows).round().long()]
-            kwargs = dict(texts=[p for p in prompts for _ in range(cols)], tokenizer=tokenizer)
-        with autocast:
-            tokens = sample_latents(ema, cfg, device, cfg["seed"], **kwargs)
-        images = tokens_to_images(tokens, ema, vae, data.scale_factor)  # (N, H, W, 3) uint8
-        zoom = max(1, 64 // images.shape[1])  # show small images at 64 px or more
-        path = os.path.join(out, f"samples_{step:07d}.png")
-        captions = None if prompts is None else [p if j == 0 else "" for p in prompts for j in range(cols)]
-        save_grid(images.repeat(zoom, 1).repeat(zoom, 2), path, ncol=cols, captions=captions)
-        log(f"step {step} | EMA samples: {path}")
 
     def read_stats():
         """Move the steps' device-side (image loss, text loss sum, text tokens, grad norm) to the host: the loop's
@@ -514,7 +527,9 @@ def train(cfg, rank, world, device):
             checkpoint()
         if rank == 0 and cfg["grid_classes"] and cfg["grid_per_class"] and (
                 (cfg["sample_every"] and step % cfg["sample_every"] == 0) or step == cfg["max_steps"]):
-            sample_grid()
+            path = os.path.join(out, f"samples_{step:07d}.png")
+            save_sample_grid(ema, cfg, data, tokenizer, vae, device, autocast, path)
+            log(f"step {step} | EMA samples: {path}")
     summary = {"step": step, "losses": losses, "seconds": time.time() - t_start}
     if rank == 0 and cfg["eval_per_class"] and data.vae == "none":
         if tokenizer is None:

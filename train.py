@@ -47,7 +47,7 @@ config = dict(
     seed=0,  # seeds the weights and every random draw of training
     # model (model.py)
     size="T",  # T (tiny), S, B, L, XL or H
-    patch_size=4,  # latent pixels per token side (paper: 2 on SD 32x32 latents, 1 on MAR 16x16 latents)
+    patch_size=2,  # latent pixels per token side (paper: 2 on SD 32x32 latents, 1 on MAR 16x16 latents)
     num_cond_tokens=4,  # class tokens (paper: 4 for ablations, 64 system-level)
     cond_repeat=1,  # the class tokens are num_cond_tokens / cond_repeat unique ones, repeated (App. B)
     learn_pos=False,  # learnable position embedding initialized from sin-cos (paper: system-level)
@@ -73,28 +73,28 @@ config = dict(
     # optimization (App. C)
     batch_size=16,  # global batch, split over ranks and micro-batches (paper: 2048)
     grad_accum=1,  # micro-batches per rank per step: a big global batch on few GPUs
-    max_steps=4000,  # training steps
+    max_steps=2200,  # training steps
     lr=2e-3,  # AdamW learning rate after warmup (paper: 1e-4 at batch 2048)
     betas=(0.9, 0.95),  # AdamW betas
     weight_decay=0.0,  # AdamW weight decay
     adam_eps=1e-15,  # AdamW epsilon (the authors' --eps; torch's default is 1e-8)
     warmup_steps=100,  # linear lr warmup, then constant (paper: 40 epochs)
     grad_clip=1.0,  # max global grad norm (0 = no clipping)
-    ema_decay=0.999,  # EMA of the weights, warmed up as min(ema_decay, (1 + step) / (10 + step)) (DiT: 0.9999)
+    ema_decay=0.995,  # EMA of the weights, warmed up as min(ema_decay, (1 + step) / (10 + step)) (DiT: 0.9999)
     # logging, checkpoints, samples
     log_every=200,  # steps between log lines
     ckpt_every=1000,  # steps between writes of OUT/ckpt.pt (and at the end)
     keep_every=0,  # steps between numbered copies OUT/ckpt_<step>.pt (0 = none)
-    sample_every=2000,  # steps between sample grids (and at the end; 0 = only at the end)
+    sample_every=0,  # steps between sample grids (and at the end; 0 = only at the end)
     grid_classes=10,  # rows of the grid: classes evenly spaced over all classes (text: captions); 0 = no grid
     grid_per_class=10,  # columns of the grid
     sample_steps=100,  # DDPM steps of the grid and evaluation samples (paper: 250)
-    cfg_scale=3.0,  # classifier-free guidance scale of those samples (1 = none)
+    cfg_scale=5.0,  # classifier-free guidance scale of those samples (1 = none)
     eval_per_class=10,  # at the end, pixel-space data only: samples per class for the nearest-neighbour class
     # accuracy; the captioned demo: prompts and images per group for its attribute accuracies (0 = skip)
     # the demo data set (--data "")
     demo="classes",  # classes: 10 shapes, one per class; captions: shapes described by text (shapes.py)
-    demo_image_size=16,  # pixels per side
+    demo_image_size=12,  # pixels per side
     demo_per_class=100,  # training images per class (10 classes)
     demo_images=4000,  # training images of the captioned demo
     # system

@@ -34,7 +34,7 @@ from config import parse_config
 from extract_latents import LatentData
 from model import CausalFusion, patchify
 from sample import load_checkpoint as load_pretrained
-from train import save_checkpoint, seeded, step_indices
+from train import launch, save_checkpoint, seeded, step_indices
 
 config = dict(
     ckpt="",  # the pretrained train.py checkpoint (required)
@@ -291,18 +291,7 @@ def build(cfg, device):
 def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        return finetune(cfg, rank, world, device)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    return launch(cfg, finetune)  # train.py's device and torchrun setup
 
 
 def finetune(cfg, rank, world, device):
@@ -345,11 +334,11 @@ def finetune(cfg, rank, world, device):
     train_model = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     log(f"config: {json.dumps(cfg)}")
     log(f"{'linear probe' if cfg['probe'] else 'fine-tuning'} of {cfg['ckpt']} ({cfg['weights']} weights): "
-        f"{sum(p.numel() for p in trainable) / 1e6:.3f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
-        f" parameters; {len(indices)} training and {len(val_data)} held-out examples; {recipe['epochs']} epochs of "
+        f"{trainable:.3f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"{len(indices)} training and {len(val_data)} held-out examples; {recipe['epochs']} epochs of "
         f"{steps_per_epoch} steps at batch {batch}, peak lr {recipe['lr']:.2e}; {world} rank(s) on {device} ({dtype})")
 
     def checkpoint():

@@ -117,12 +117,12 @@ def test_finetune_resumes_exactly_and_probes():
             "--warmup-epochs", "1", "--blr", "0.05"]
     with tempfile.TemporaryDirectory() as tmp:
         straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
-        # the same run stopped after its first epoch (a finished 1-epoch run of a 2-epoch schedule is not the
-        # same schedule: write the checkpoint of epoch 1 by running the 2-epoch run and killing it there)
+        # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
+        stopped = args + ["--out", os.path.join(tmp, "b")]
         proc = subprocess.run([sys.executable, "-c", f"import finetune, torch, train\ntorch.set_num_threads("
                                f"{torch.get_num_threads()})\nsave = train.save_checkpoint\n"
                                f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
-                               f"finetune.save_checkpoint = stop\nfinetune.main({args + ['--out', os.path.join(tmp, 'b')]!r})"],
+                               f"finetune.save_checkpoint = stop\nfinetune.main({stopped!r})"],
                               cwd=HERE, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 3, proc.stderr
         resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
@@ -139,8 +139,9 @@ def test_finetune_resumes_exactly_and_probes():
         assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
         assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
         assert 0 <= probe["top1"] <= 1
-        for bad, word in ((["--weights", "best"], "--weights"), (["--probe", "--probe-optimizer", "adam"],
-                                                                 "--probe-optimizer"), (["--per-class", "0", "--batch-size", "4096"], "batch")):
+        for bad, word in ((["--weights", "best"], "--weights"),
+                          (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
+                          (["--batch-size", "4096"], "batch")):
             try:
                 finetune.main(args + ["--out", os.path.join(tmp, "bad")] + bad)
             except ValueError as e:

@@ -189,8 +189,9 @@ def step_indices(step, batch, n, seed):
 
 
 def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None):
-    """One micro-batch, in AR order: a dict of clean tokens (B, L, P), noise (B, K L, P), t (B,) or (B, K L),
-    labels y (B,), order (B, L) (the image position of each AR slot) and steps (B, L) (AR step ids). With a
+    """One micro-batch, in AR order (K = --noisy-copies): a dict of clean tokens (B, L, P), noise (B, K L, P),
+    t (B,) or (B, K L), labels y (B,), order (B, L) (the image position of each AR slot) and steps (B, L) (AR step
+    ids). With a
     tokenizer (captioned data) also one caption per example, drawn from its captions: text (B, Lt) ids,
     text_len (B,) real tokens, text_after (B,) (True: the image comes first and is captioned), and truncated
     (how many of these captions were cut to Lt tokens)."""
@@ -200,7 +201,8 @@ def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None
     order = mask.token_order(n, model.grid_size, model.grid_size, cfg["order"], g, cfg["order_block"])
     draws = n if cfg["split"] == "sample" else 1  # per batch: one S and one split for the whole micro-batch
     num_steps = mask.sample_num_steps(draws, L, cfg["gamma"], g)
-    steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g).expand(n, L).contiguous()
+    steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g)
+    steps = steps.expand(n, L).contiguous()  # (B, L)
     if cfg["ar_steps_train"]:  # (drawn above all the same: the stream stays that of a random-S run)
         steps = mask.step_ids_from_sizes(mask.equal_split(cfg["ar_steps_train"], L)).expand(n, L).clone()
     K = cfg["noisy_copies"]
@@ -310,6 +312,11 @@ def sample_latents(ema, cfg, device, seed, labels=None, texts=None, tokenizer=No
 def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
+    return launch(cfg, train)
+
+
+def launch(cfg, run):
+    """run(cfg, rank, world, device) on --device (under torchrun: cuda:LOCAL_RANK, in the process group)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device(cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
@@ -320,7 +327,7 @@ def main(argv=None):
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return train(cfg, rank, world, device)
+        return run(cfg, rank, world, device)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

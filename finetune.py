@@ -1,8 +1,8 @@
 """Fine-tune a CausalFusion checkpoint for image classification (paper Sec. 6 "Visual Representation Learning",
 Table 6b, App. C Table 12; SPEC.md Sec. 10), or train a linear probe on its frozen features.
 
-    python finetune.py --ckpt out/demo/ckpt.pt                     # the demo's shapes, a held-out set drawn anew
-    python finetune.py --ckpt out/demo/ckpt.pt --probe             # linear probe: frozen body
+    python finetune.py --ckpt out/demo/ckpt.pt --batch-size 128   # the demo's 1,000 shapes, 1,000 new held-out ones
+    python finetune.py --ckpt out/demo/ckpt.pt --probe --probe-batch-size 250 --probe-optimizer sgd  # linear probe
     python finetune.py --ckpt RUN/ckpt.pt --data latents/in256_sd --val-data latents/in256_sd_val --out runs/ft
     torchrun --nproc_per_node=8 finetune.py ...same options...
 

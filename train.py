@@ -239,11 +239,13 @@ def forward_losses(train_model, model, diffusion, b, cfg):
     Lx = steps.shape[1] if keep_clean else 0
     attn_mask = mask.causal_mask(steps[:, :Lx], steps, model.num_cond_tokens, b.get("text_len"), b.get("text_after"),
                                  cfg["transfusion"], model.time_token, K)  # (B, T, T)
-    xt = diffusion.q_sample(b["clean"].repeat(1, K, 1), b["t"], b["noise"])  # (B, K L, P)
-    out = train_model(b["clean"][:, :Lx], xt, b["t"], b["y"], order.repeat(1, K), attn_mask, clean_pos=order[:, :Lx],
+    def copies(a):  # (B, L, ...) -> (B, K L, ...); no copy for K = 1, the hot path
+        return a if K == 1 else a.repeat(1, K, *[1] * (a.dim() - 2))
+    xt = diffusion.q_sample(copies(b["clean"]), b["t"], b["noise"])  # (B, K L, P)
+    out = train_model(b["clean"][:, :Lx], xt, b["t"], b["y"], copies(order), attn_mask, clean_pos=order[:, :Lx],
                       text=text)
     eps, logits = (out, None) if text is None else out
-    image_loss = diffusion.eps_loss(eps, b["noise"], mask.ar_weights(steps, cfg["ar_lambda"]).repeat(1, K))
+    image_loss = diffusion.eps_loss(eps, b["noise"], copies(mask.ar_weights(steps, cfg["ar_lambda"])))
     if text is None:
         return image_loss, image_loss, None, None
     positions = torch.arange(1, text.shape[1], device=text.device)

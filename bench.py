@@ -25,9 +25,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import mask
 from config import parse_config
 from diffusion import Diffusion
+from engine import sample_batch
 from model import CausalFusion
-from sample import sample_batch
-from train import ema_update, forward_losses
+from runtime import autocast, autocast_dtype
+from training import ema_update, forward_losses
 
 config = dict(
     what="train,sample",  # which benchmarks: train, sample, text (a training step with a text against one without)
@@ -98,7 +99,7 @@ def build_model(cfg, device, **text_options):
                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"], **text_options).to(device)
 
 
-def bench_text(cfg, device, autocast):
+def bench_text(cfg, device, amp):
     """train.py's step (forward_losses, backward, clip, AdamW, EMA) of the class-conditional model against the
     multimodal one: a text of text_len tokens instead of the class tokens, 10% of it captions with their
     next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
@@ -124,7 +125,7 @@ def bench_text(cfg, device, autocast):
         train_model = torch.compile(model) if cfg["compile"] else model
 
         def step(model=model, train_model=train_model, ema=ema, params=params, optimizer=optimizer, b=b):
-            with autocast:
+            with amp:
                 loss = forward_losses(train_model, model, diffusion, b, run_cfg)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -136,12 +137,12 @@ def bench_text(cfg, device, autocast):
             step()
         fns[name] = step
         print(f"{name}: {sum(p.numel() for p in params) / 1e6:.2f}M parameters, sequence "
-              f"{model.num_cond_tokens + 2 * L} tokens")
+              f"{model.num_prefix_tokens + 2 * L} tokens")
     return {name: dict(steps_per_s=1 / seconds, peak_mem_gib=peak)
             for name, (seconds, peak) in timed_rounds(fns, cfg["repeats"], device).items()}
 
 
-def bench_train(cfg, device, autocast):
+def bench_train(cfg, device, amp):
     model = build_model(cfg, device)
     ema = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,7 +154,7 @@ def bench_train(cfg, device, autocast):
     inputs = dict(x0=torch.randn(n, L, model.token_dim, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
                   noise=torch.randn(n, L, model.token_dim, generator=g), weights=mask.ar_weights(steps, 2.0),
                   y=torch.randint(0, model.num_classes, (n,), generator=g), pos=order,
-                  attn_mask=mask.causal_mask(steps, steps, model.num_cond_tokens))
+                  attn_mask=mask.causal_mask(steps, steps, model.num_prefix_tokens))
     inputs = {k: v.to(device) for k, v in inputs.items()}
     flops = training_flops(model, inputs["attn_mask"])
     steps = {}
@@ -162,7 +163,7 @@ def bench_train(cfg, device, autocast):
         kernels = (lambda: sdpa_kernel([SDPBackend.MATH])) if path == "reference" else contextlib.nullcontext
 
         def step(train_model=train_model, kernels=kernels):
-            with kernels(), autocast:
+            with kernels(), amp:
                 loss = diffusion.training_loss(train_model, **inputs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -205,19 +206,19 @@ def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
     device = torch.device(cfg["device"])
-    dtype = cfg["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    dtype = autocast_dtype(cfg["dtype"], device)
+    amp = autocast(dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bench.py on {name}, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}: {json.dumps(cfg)}")
     report = {}
     if "train" in cfg["what"]:
-        report["train"] = bench_train(cfg, device, autocast)
+        report["train"] = bench_train(cfg, device, amp)
     if "sample" in cfg["what"]:
         report["sample"] = bench_sample(cfg, device, dtype)
     if "text" in cfg["what"]:
-        report["text"] = bench_text(cfg, device, autocast)
+        report["text"] = bench_text(cfg, device, amp)
     if "train" in report:
         ref, fast = report["train"]["reference"], report["train"]["fast"]
         print(f"\ntraining, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}:")

@@ -7,7 +7,8 @@ Every key may be given as `--key value` or `--key=value`, dashes or underscores 
 converted to the type of the default (bool: true/false/1/0/yes/no, or a bare flag for True; a tuple or
 list default takes every following value that is not an option; a None default takes a string).
 An unknown key or a value of the wrong type is an error that names the key. Words that are not options
-are returned as positional arguments (for scripts such as fid.py that take file names).
+are returned as positional arguments (for scripts such as fid.py that take file names). aliases maps an old
+option name to today's (a renamed key keeps working for a while).
 """
 import sys
 
@@ -38,12 +39,12 @@ def _is_option(word):
     return word.startswith("--") and len(word) > 2
 
 
-def parse_config(config, argv=None, prog=None):
+def parse_config(config, argv=None, prog=None, aliases=None):
     """Override `config` in place from argv; return the list of positional arguments.
     With argv=None (the real command line) a bad option exits with `prog: error: ...` instead of raising."""
     if argv is None:
         try:
-            return parse_config(config, sys.argv[1:], prog)
+            return parse_config(config, sys.argv[1:], prog, aliases)
         except ConfigError as e:
             sys.exit(f"{prog or sys.argv[0]}: error: {e}")
     argv = list(argv)
@@ -61,6 +62,7 @@ def parse_config(config, argv=None, prog=None):
             continue
         name, has_eq, inline = word[2:].partition("=")
         key = name.replace("-", "_")
+        key = (aliases or {}).get(key, key)
         if key not in config:
             raise ConfigError(f"unknown option --{name} (known: {', '.join(sorted(config))})")
         default = config[key]

@@ -1,4 +1,4 @@
-"""DDPM for CausalFusion (paper Sec. 3, SPEC.md Sec. 4): linear schedule, epsilon-prediction training loss
+"""DDPM for CausalFusion (paper Sec. 3; ADM's schedule and respacing): linear schedule, epsilon-prediction training loss
 with AR weights, timestep respacing, ancestral sampling with fixed "large" variance, CFG with an interval.
 
 Timesteps handed to the model are always those of the full T-step schedule, also when sampling with fewer

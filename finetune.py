@@ -1,5 +1,5 @@
 """Fine-tune a CausalFusion checkpoint for image classification (paper Sec. 6 "Visual Representation Learning",
-Table 6b, App. C Table 12; SPEC.md Sec. 10), or train a linear probe on its frozen features.
+Table 6b, App. C Table 12), or train a linear probe on its frozen features.
 
     python finetune.py --ckpt out/demo/ckpt.pt --batch-size 128   # the demo's 1,000 shapes, 1,000 new held-out ones
     python finetune.py --ckpt out/demo/ckpt.pt --probe --probe-batch-size 250 --probe-optimizer sgd  # linear probe
@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
+from checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from config import parse_config
-from extract_latents import LatentData
+from latents import LatentData
 from model import CausalFusion, patchify
-from sample import load_checkpoint as load_pretrained
-from train import launch, save_checkpoint, seeded, step_indices
+from runtime import autocast, autocast_dtype, launch, seeded, step_indices
 
 config = dict(
     ckpt="",  # the pretrained train.py checkpoint (required)
@@ -232,14 +232,14 @@ def open_data(cfg, meta, rank):
 
 # ------------------------------------------------------------------------------------------------ run
 @torch.no_grad()
-def evaluate(model, data, batch_size, device, autocast, rank, world):
+def evaluate(model, data, batch_size, device, amp, rank, world):
     """Top-1 accuracy on the held-out data (mean latents, no flip), split over the ranks."""
     model.eval()
     correct, total = torch.zeros((), device=device), torch.zeros((), device=device)
     starts = range(rank * batch_size, len(data), world * batch_size)
     for start in tqdm(starts, desc="eval", disable=rank > 0, leave=False):
         stop = min(start + batch_size, len(data))
-        with autocast:
+        with amp:
             logits = model(mean_latents(data, start, stop).to(device))
         correct += (logits.argmax(1).cpu() == data.labels[start:stop]).sum().to(device)
         total += stop - start
@@ -264,7 +264,7 @@ def build(cfg, device):
         raise ValueError(f"--weights must be ema, model or random, got {cfg['weights']!r}")
     if not cfg["ckpt"]:
         raise ValueError("--ckpt is required: a train.py checkpoint to fine-tune")
-    pretrained, meta = load_pretrained(cfg["ckpt"], use_ema=cfg["weights"] != "model")
+    pretrained, meta = load_checkpoint(cfg["ckpt"], use_ema=cfg["weights"] != "model")
     if pretrained.text_vocab:
         raise ValueError(f"--ckpt {cfg['ckpt']}: a text model; fine-tuning takes a class-conditional checkpoint")
     torch.manual_seed(cfg["seed"])
@@ -291,17 +291,16 @@ def build(cfg, device):
 def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
-    return launch(cfg, finetune)  # train.py's device and torchrun setup
+    return launch(cfg, finetune)
 
 
 def finetune(cfg, rank, world, device):
     out, micro = cfg["out"], world * cfg["grad_accum"]
     model, meta, optimizer, recipe = build(cfg, device)
     batch = recipe["batch_size"]
-    dtype = cfg["dtype"] or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype not in ("bf16", "fp32") or batch % micro:
-        raise ValueError(f"need --dtype bf16 or fp32 (got {dtype!r}) and the batch ({batch}) divisible by ranks x "
-                         f"--grad-accum ({world} x {cfg['grad_accum']})")
+    dtype = autocast_dtype(cfg["dtype"], device)
+    if batch % micro:
+        raise ValueError(f"need the batch ({batch}) divisible by ranks x --grad-accum ({world} x {cfg['grad_accum']})")
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -323,7 +322,7 @@ def finetune(cfg, rank, world, device):
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(ckpt_path)
         keys = ("ckpt", "weights", "probe", "per_class", "seed")  # what the run's course depends on
         diff = {k: (ckpt["config"].get(k), cfg[k]) for k in keys if ckpt["config"].get(k) != cfg[k]}
         if diff:
@@ -333,7 +332,7 @@ def finetune(cfg, rank, world, device):
         step, history = ckpt["step"], ckpt["history"]
     train_model = model if world == 1 else nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    amp = autocast(dtype, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     log(f"config: {json.dumps(cfg)}")
     log(f"{'linear probe' if cfg['probe'] else 'fine-tuning'} of {cfg['ckpt']} ({cfg['weights']} weights): "
@@ -365,7 +364,7 @@ def finetune(cfg, rank, world, device):
                 x, y, meta["num_classes"], cfg, g)
             sync = world == 1 or a == cfg["grad_accum"] - 1
             with contextlib.nullcontext() if sync else train_model.no_sync():
-                with autocast:
+                with amp:
                     logits = train_model(x.to(device), g)
                 loss = F.cross_entropy(logits.float(), target.to(device))  # soft targets
                 (loss / cfg["grad_accum"]).backward()
@@ -383,7 +382,7 @@ def finetune(cfg, rank, world, device):
             if world > 1:
                 dist.all_reduce(loss_mean)
             loss_value = loss_mean.item() / world
-            acc = evaluate(model, val_data, micro_size, device, autocast, rank, world)
+            acc = evaluate(model, val_data, micro_size, device, amp, rank, world)
             history.append(dict(epoch=epoch, step=step, loss=loss_value, top1=acc))
             bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.3f}")
             log(f"epoch {epoch} | step {step} | loss {loss_value:.4f} | lr {lr:.2e} | held-out top-1 {acc:.4f}")

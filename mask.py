@@ -1,4 +1,4 @@
-"""AR splits, token orders, the generalized causal mask and the AR loss weights (paper Sec. 3-5, App. A).
+"""AR splits, token orders, the generalized causal mask and the AR loss weights (paper Sec. 3-5, App. A-B).
 
 Pure functions on tensors; every random draw goes through the torch.Generator passed in.
 A "step id" tensor (N, L) gives, for each position in the AR order of a sample, its AR step (0-based,
@@ -6,9 +6,12 @@ non-decreasing): tokens 0..c_1-1 are step 0, tokens c_1..c_2-1 step 1, and so on
 """
 import torch
 
+# the kinds of token in the sequence [prefix | time | clean | noisy] (causal_mask)
+PREFIX, CLEAN, NOISY, TIME = 0, 1, 2, 3  # prefix: the class tokens, or a text's slots
+
 
 def sample_num_steps(n, num_tokens, gamma, generator):
-    """Number of AR steps S in 1..L for n samples, P(S = k) proportional to gamma^(k-1) (SPEC.md Sec. 3).
+    """Number of AR steps S in 1..L for n samples, P(S = k) proportional to gamma^(k-1) (paper Sec. 5, Table 3a).
 
     gamma = 1 is uniform; gamma = 0 always gives S = 1 (the in-context DiT baseline)."""
     k = torch.arange(num_tokens, dtype=torch.float64)
@@ -69,13 +72,14 @@ def token_order(n, height, width, kind, generator, block=2):
     return order.expand(n, L).clone()
 
 
-def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_after=None, text_sees_noisy=False,
+def causal_mask(clean_steps, noisy_steps, num_prefix, text_lengths=None, text_after=None, text_sees_noisy=False,
                 time_token=False, copies=1):
-    """Generalized causal mask (True = may attend) for the sequence [cond | clean | noisy].
+    """Generalized causal mask (True = may attend) for the sequence [prefix | clean | noisy].
 
-    clean_steps (N, Lx), noisy_steps (N, L): the AR step of each clean and noisy token. With SPEC.md Sec. 2:
-    all tokens see cond; cond sees only cond; clean of step s sees clean of steps <= s; noisy of step s sees
-    clean of steps < s and noisy of step s. The authors' layout has only the clean tokens of steps 1..S-1;
+    clean_steps (N, Lx), noisy_steps (N, L): the AR step of each clean and noisy token; num_prefix: the tokens
+    before the image (class tokens, or a text's slots). The rules (paper Sec. 3, Fig. 6; the authors' mask):
+    all tokens see the prefix; the prefix sees only itself; clean of step s sees clean of steps <= s; noisy of
+    step s sees clean of steps < s and noisy of step s. The authors' layout has only the clean tokens of steps 1..S-1;
     the static training layout passes all L (those of the last step are then seen by no noisy token).
     Example (paper Fig. 6), one cond token c, steps of sizes 2, 2, 3, clean tokens of the first two steps:
 
@@ -93,7 +97,7 @@ def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_afte
         2  x x x x x . . . . x x x
         2  x x x x x . . . . x x x
 
-    Text (paper Sec. 6): with text_lengths (N,) the cond segment is a text of num_cond slots, the first
+    Text (paper Sec. 6): with text_lengths (N,) the prefix is a text of num_prefix slots, the first
     text_lengths of them real ([bos, ..., eos]) and the rest padding that no other token sees. Text is causal.
     text_after (N,) bool picks each sample's order: False = text first (text-to-image: every image token sees
     the real text, the text sees no image), True = image first (captioning: the image sees no text, which makes
@@ -132,32 +136,34 @@ def causal_mask(clean_steps, noisy_steps, num_cond, text_lengths=None, text_afte
     Returns (N, Lc + Lx + L, Lc + Lx + L) bool (with the time token and K copies: Lc + 1 + Lx + K L)."""
     n, device, L = noisy_steps.shape[0], noisy_steps.device, noisy_steps.shape[1]
     Lx, nt = clean_steps.shape[1], int(time_token)
-    big = noisy_steps.new_full((n, num_cond + nt), -1)
-    step = torch.cat([big, clean_steps, noisy_steps.repeat(1, copies)], 1)  # (N, T)
-    # kinds: 0 cond, 1 clean, 2 noisy, 3 time; copy: which copy of the noisy tokens (-1: not a noisy token)
-    kind = torch.cat([torch.zeros(num_cond), torch.full((nt,), 3), torch.ones(Lx), torch.full((copies * L,), 2)])
-    copy = torch.cat([torch.full((num_cond + nt + Lx,), -1), torch.arange(copies).repeat_interleave(L)])
-    kind, copy = kind.to(device), copy.to(device)
+    none = noisy_steps.new_full((n, num_prefix + nt), -1)  # the prefix and the time token belong to no step
+    step = torch.cat([none, clean_steps, noisy_steps.repeat(1, copies)], 1)  # (N, T)
+    kind = torch.cat([torch.full((num_prefix,), PREFIX), torch.full((nt,), TIME), torch.full((Lx,), CLEAN),
+                      torch.full((copies * L,), NOISY)]).to(device)  # (T,)
+    # copy: which copy of the noisy tokens (-1: not a noisy token)
+    copy = torch.cat([torch.full((num_prefix + nt + Lx,), -1), torch.arange(copies).repeat_interleave(L)]).to(device)
     q_step, k_step = step[:, :, None], step[:, None, :]  # (N, T, 1), (N, 1, T)
     q_kind, k_kind = kind[None, :, None], kind[None, None, :]  # (1, T, 1), (1, 1, T)
-    clean_key = (k_kind == 1) & (((q_kind == 1) & (k_step <= q_step)) | ((q_kind == 2) & (k_step < q_step)))
-    noisy_key = (k_kind == 2) & (q_kind == 2) & (k_step == q_step) & (copy[:, None] == copy[None, :])[None]
-    time_key = (k_kind == 3) & (q_kind >= 2)  # seen by the noisy tokens and by itself
+    clean_key = (k_kind == CLEAN) & (((q_kind == CLEAN) & (k_step <= q_step)) | ((q_kind == NOISY) & (k_step < q_step)))
+    same_copy = (copy[:, None] == copy[None, :])[None]  # (1, T, T)
+    noisy_key = (k_kind == NOISY) & (q_kind == NOISY) & (k_step == q_step) & same_copy
+    time_key = (k_kind == TIME) & ((q_kind == NOISY) | (q_kind == TIME))  # seen by the noisy tokens and by itself
     if text_lengths is None:
-        return (k_kind == 0) | clean_key | noisy_key | time_key  # (N, T, T)
+        return (k_kind == PREFIX) | clean_key | noisy_key | time_key  # (N, T, T)
     if time_token or copies > 1:
         raise ValueError("the time token and noisy copies are ablations of the class-conditional model, not for text")
     index = torch.arange(len(kind), device=device)
     q_index, k_index = index[None, :, None], index[None, None, :]  # (1, T, 1), (1, 1, T)
     after = text_after.to(device)[:, None, None]  # (N, 1, 1)
-    text_causal = (q_kind == 0) & (k_kind == 0) & (k_index <= q_index)
-    image_sees_text = (q_kind > 0) & (k_kind == 0) & (k_index < text_lengths.to(device)[:, None, None]) & ~after
-    text_sees_image = (q_kind == 0) & (k_kind == (2 if text_sees_noisy else 1)) & after
+    text_causal = (q_kind == PREFIX) & (k_kind == PREFIX) & (k_index <= q_index)
+    real_text = k_index < text_lengths.to(device)[:, None, None]  # (N, 1, T): padding is seen by no other token
+    image_sees_text = (q_kind != PREFIX) & (k_kind == PREFIX) & real_text & ~after
+    text_sees_image = (q_kind == PREFIX) & (k_kind == (NOISY if text_sees_noisy else CLEAN)) & after
     return text_causal | image_sees_text | text_sees_image | clean_key | noisy_key  # (N, T, T)
 
 
 def ar_weights(step_ids, lam):
-    """Loss weight per token, lam at the first AR step decaying linearly towards 1 (SPEC.md Sec. 3):
+    """Loss weight per token, lam at the first AR step decaying linearly towards 1 (paper Sec. 5, Table 3c):
     w = lam - (lam - 1) * c_{s-1} / L, with c_{s-1} the number of tokens in the steps before s. (N, L)."""
     n, L = step_ids.shape
     position = torch.arange(L, device=step_ids.device).expand(n, L)

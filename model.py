@@ -1,11 +1,11 @@
-"""The CausalFusion transformer (paper Sec. 3-4, App. B-C; SPEC.md Sec. 1).
+"""The CausalFusion transformer (paper Sec. 3-4, App. B-C; names and initialization as in the authors' code).
 
-A decoder-only transformer over [cond tokens | clean tokens | noisy tokens]. Class tokens come first,
+A decoder-only transformer over [prefix | clean tokens | noisy tokens]. The prefix (class tokens) comes first,
 clean tokens carry the finished AR steps, and noisy tokens (with the timestep embedding added) are
 denoised; the generalized causal mask (mask.py) keeps each AR step from seeing later ones. The model
 only predicts epsilon for the noisy tokens: noising, losses and samplers live in diffusion.py.
 
-The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the cond segment instead of class tokens:
+The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the prefix instead of class tokens:
 text embedding plus a learnable text position embedding, the same blocks, and a next-token head. Where the
 text stands (before or after the image) is a matter of the mask only, so the layout stays static.
 
@@ -107,8 +107,7 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(n, length, 3, self.num_heads, self.head_dim)  # (N, T, 3, H, hd)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, hd)
         q, k = self.q_norm(q), self.k_norm(k)
-        if kv is not None:
-            # write this call's keys after the cached ones; they stay only if the caller advances cache.length
+        if kv is not None:  # KVCache's rule: write at slots kv_len.., attend to the slots up to them
             k_cache, v_cache = kv  # (N, H, M, hd)
             k_cache[:, :, kv_len:kv_len + length] = k
             v_cache[:, :, kv_len:kv_len + length] = v
@@ -143,7 +142,13 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """Preallocated per-layer keys and values: cond tokens, then the clean tokens of each finished AR step."""
+    """Preallocated per-layer keys and values: the prefix (class tokens or a text), then the clean tokens of each
+    finished AR step.
+
+    The rule, write then commit: every call through the cache writes its tokens' keys and values at the slots
+    length.. (after those committed) and attends to slots 0..length + k; only commit(k) makes them part of the
+    cache by advancing length. A call that does not commit (denoise) leaves the cache as it was: its slots are
+    overwritten by the next call."""
 
     def __init__(self, num_layers, batch, num_heads, max_len, head_dim, dtype, device):
         shape = (batch, num_heads, max_len, head_dim)
@@ -167,6 +172,12 @@ class KVCache:
         if self.length + n > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length} + {n} do not fit")
 
+    def commit(self, k, visible=None):
+        """Keep the k tokens the last call wrote; visible (N, k) (default all): which of them later tokens see."""
+        if self.visible is not None:
+            self.visible[:, self.length:self.length + k] = True if visible is None else visible
+        self.length += k
+
 
 class CausalFusion(nn.Module):
     def __init__(self, size=None, hidden_size=None, depth=None, num_heads=None, input_size=32, patch_size=2,
@@ -186,13 +197,13 @@ class CausalFusion(nn.Module):
                            mlp_ratio=mlp_ratio)
         if text_vocab:  # the multimodal model; the class-conditional config (and checkpoints) stay as they were
             self.config.update(text_vocab=text_vocab, text_len=text_len, text_sees_noisy=text_sees_noisy)
-            num_cond_tokens = text_len
         if time_token and text_vocab:
             raise ValueError("time_token (Table 1's in-context DiT ablation) is for class-conditional models")
         if not qk_norm or time_token:  # Table 1's ablations; recorded only when used, like the text options
             self.config.update(qk_norm=qk_norm, time_token=time_token)
         self.patch_size, self.in_channels, self.input_size = patch_size, in_channels, input_size
-        self.num_classes, self.num_cond_tokens, self.num_heads = num_classes, num_cond_tokens, num_heads
+        self.num_classes, self.num_heads = num_classes, num_heads
+        self.num_prefix_tokens = text_len if text_vocab else num_cond_tokens  # before the image: class tokens or text
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size ** 2
         self.token_dim = patch_size * patch_size * in_channels
@@ -274,15 +285,15 @@ class CausalFusion(nn.Module):
         eps = self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
         return eps if text is None else (eps, self.text_head(h[:, :text.shape[1]]))
 
-    # ---- inference through a KV cache (sample.py) ----
+    # ---- inference through a KV cache (engine.py) ----
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
         param = self.x_proj.weight  # (a time token passes through the cache while it denoises: one more slot)
-        max_len = max_len or self.num_cond_tokens + self.num_tokens + self.time_token
+        max_len = max_len or self.num_prefix_tokens + self.num_tokens + self.time_token
         return KVCache(len(self.blocks), batch, self.num_heads, max_len,
                        self.x_proj.out_features // self.num_heads, dtype or param.dtype, device or param.device)
 
     def _run_cached(self, h, cache, keep, among=None, visible=None, attn_mask=None):
-        """Run h (N, k, D) against the cache; keep: append its keys and values for good, with `visible` (N, k)
+        """Run h (N, k, D) against the cache; keep: commit its keys and values, with `visible` (N, k)
         (default all) saying which of them later tokens may see. among (k, k): the mask among h's tokens;
         attn_mask (k, length + k): the whole mask instead."""
         k = h.shape[1]
@@ -291,9 +302,7 @@ class CausalFusion(nn.Module):
         for block, kv in zip(self.blocks, cache.layers):
             h = block(h, attn_mask, kv=kv, kv_len=cache.length)
         if keep:
-            if cache.visible is not None:
-                cache.visible[:, cache.length:cache.length + k] = True if visible is None else visible
-            cache.length += k
+            cache.commit(k, visible)
         return h
 
     def prefill(self, cache, y):
@@ -333,7 +342,7 @@ class CausalFusion(nn.Module):
         # the time token goes first: it sees the cond tokens and itself, as in training; the noisy tokens see it
         k, length = noisy.shape[1], cache.length
         sees = torch.ones(k + 1, length + k + 1, dtype=torch.bool, device=noisy.device)  # (1 + k, length + 1 + k)
-        sees[0, self.num_cond_tokens:] = False
+        sees[0, self.num_prefix_tokens:] = False
         sees[0, length] = True
         h = torch.cat([self.t_embedder(t)[:, None], self.embed_tokens(noisy, pos)], 1)  # (N, 1 + k, D)
         return self.final_layer(self._run_cached(h, cache, keep=False, attn_mask=sees)[:, 1:])

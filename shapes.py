@@ -5,6 +5,7 @@
              a caption, "a small red star in the top left"; some (shape, colour) pairs are held out of training
              to test composition (draw_captioned, build_caption_demo_data). measure / nearest_shape read the
              attributes back from pixels, to score text-to-image samples without a trained classifier.
+evaluate_class_demo and evaluate_caption_demo are train.py's closing figures of the two demos.
 
 All randomness comes from seeded numpy Generators, so every rank and every run draws the same data.
 """
@@ -20,7 +21,9 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from extract_latents import extract
+from engine import caption_images, encode_images, sample_latents, tokens_to_images
+from latents import extract
+from model import unpatchify
 
 # ------------------------------------------------------------------------------------------ class demo
 SHAPES = {  # class: (hue in degrees, draw(d, p, w, colour)); p maps unit coordinates to pixels, w = pixels per unit
@@ -226,3 +229,70 @@ def caption_accuracy(texts, attrs):
     """Share of texts (N captions) naming each attribute of attrs (N dicts) right (and no other value of it)."""
     found = [parse_caption(t) for t in texts]
     return {k: float(np.mean([f[k] == a[k] for f, a in zip(found, attrs)])) for k in CHANCE}
+
+
+# ------------------------------------------------------------------------------------------ evaluating the demos
+def nearest_neighbour_accuracy(samples, labels, data):
+    """Share of samples (N, C, H, W) (unscaled latents; pixels in [-1, 1] for --vae none) whose nearest
+    training latent (L2, either flip) has their class. No network needed; chance is ~1 / num_classes."""
+    train = np.concatenate([shard[:, :, 0] for shard in data.shards])  # (N, 2 flips, C, H, W), unscaled
+    train = torch.from_numpy(train).float().flatten(2).flatten(0, 1)  # (2N, C*H*W)
+    nearest = torch.cdist(samples.float().flatten(1), train).argmin(1) // 2  # index of the training image
+    return (data.labels[nearest] == labels).float().mean().item()
+
+
+def pixel_images(data):
+    """The unflipped training images of pixel-space data (--vae none): uint8 (N, H, W, 3)."""
+    pixels = np.concatenate([shard[:, 0, 0] for shard in data.shards])  # (N, 3, H, W) in [-1, 1]
+    return np.round((pixels.astype(np.float32).clip(-1, 1) + 1) * 127.5).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+@torch.no_grad()
+def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, autocast, log):
+    """train.py's closing figures of the captioned demo (cfg: its config; data: its LatentData): the attribute
+    accuracy of text-to-image samples for seen and held-out prompts (measured from the pixels), and of the
+    captions of new images of seen and held-out combinations, with chance beside them."""
+    n, size, seed = cfg["eval_per_class"], data.latent_shape[1], cfg["seed"]
+    train_images = pixel_images(data)
+    train_attrs = [parse_caption(c[0]) for c in data.captions]
+    summary, chance = {}, CHANCE
+    for group, held_out in (("seen", False), ("held_out", True)):
+        attrs = random_attrs(n, seed + 2, held_out)
+        with autocast:
+            tokens = sample_latents(ema, seed + 1, texts=[caption(a) for a in attrs], tokenizer=tokenizer,
+                                    steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"])
+        images = tokens_to_images(tokens, ema, vae, data.scale_factor)
+        summary[f"t2i_{group}"] = t2i_accuracy(images, attrs, train_images, train_attrs)
+        log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary[f"t2i_{group}"].items()) + " (chance " +
+            ", ".join(f"{chance[k]:.2f}" for k in summary[f"t2i_{group}"]) + ")")
+    for group, held_out in (("seen", False), ("held_out", True)):  # fresh images of either kind of combination
+        attrs = random_attrs(n, seed + 3, held_out)
+        images = draw_captioned(attrs, size, seed + 3)
+        with autocast:
+            texts = caption_images(ema, encode_images(images, ema, vae, data.scale_factor), tokenizer)
+        summary[f"captions_{group}"] = caption_accuracy(texts, attrs)
+        log(f"captions of {n} new {group.replace('_', '-')} images: " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary[f"captions_{group}"].items()))
+        log("  e.g. " + "; ".join(f"{caption(a)!r} -> {t!r}" for a, t in list(zip(attrs, texts))[:3]))
+    return summary
+
+
+def evaluate_class_demo(ema, cfg, data, autocast, log):
+    """train.py's closing figure of pixel-space class data (cfg: its config; data: its LatentData): the
+    nearest-neighbour class accuracy of EMA samples of every class; for the demo, of fresh real images too."""
+    summary, (_, h, w) = {}, data.latent_shape
+    labels = torch.arange(data.num_classes).repeat_interleave(cfg["eval_per_class"])
+    with autocast:
+        tokens = sample_latents(ema, cfg["seed"] + 1, labels=labels, steps=cfg["sample_steps"],
+                                cfg_scale=cfg["cfg_scale"])
+    samples = unpatchify(tokens.float().cpu(), ema.patch_size, h, w) / data.scale_factor  # (N, C, H, W)
+    summary["nn_accuracy"] = nearest_neighbour_accuracy(samples, labels, data)
+    log(f"step {cfg['max_steps']} | nearest-neighbour class accuracy of {len(labels)} EMA samples: "
+        f"{summary['nn_accuracy']:.3f} (chance {1 / data.num_classes:.3f})")
+    if not cfg["data"]:  # the demo: the same figure for fresh real images is the ceiling
+        real, real_labels = draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 1)
+        real = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+        summary["nn_accuracy_real"] = nearest_neighbour_accuracy(real, torch.from_numpy(real_labels), data)
+        log(f"step {cfg['max_steps']} | the same for {len(real)} fresh real images: {summary['nn_accuracy_real']:.3f}")
+    return summary

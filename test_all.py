@@ -50,12 +50,17 @@ def test_config_overrides():
             assert word in str(e), (bad, e)
         else:
             raise AssertionError(f"{bad} was accepted")
+    # an alias: an old option name sets today's key
+    renamed = dict(data="", dtype="fp32")
+    parse_config(renamed, ["--data-path", "imgs", "--precision=bf16"], aliases={"data_path": "data", "precision": "dtype"})
+    assert renamed == dict(data="imgs", dtype="bf16")
 
 
 # ----------------------------------------------------------------------------------------- mask.py
 def brute_force_mask(num_cond, clean_steps, noisy_steps, text_length=None, text_after=False, sees_noisy=False,
                      time_token=False, copies=1):
-    """The rules of SPEC.md Sec. 2 and 9, one token pair at a time (a text in the cond slots if text_length);
+    """The mask's rules (paper Sec. 3, Fig. 6; Sec. 6 for text), one token pair at a time (a text in the cond slots
+    if text_length);
     Table 1's time token (seen by noisy tokens, seeing cond tokens) and Table 7's copies of the noisy tokens."""
     kinds = (["cond"] * num_cond + ["time"] * time_token + ["clean"] * len(clean_steps) +
              ["noisy"] * (copies * len(noisy_steps)))
@@ -105,7 +110,7 @@ def algorithm1_mask(sumk, num_cond):
 def test_mask_fig6_example():
     # paper Fig. 6 / Algorithm 1: steps of sizes 2, 2, 3; clean tokens of the first two steps only
     steps = torch.tensor([0, 0, 1, 1, 2, 2, 2])
-    got = mask.causal_mask(steps[None, :4], steps[None], num_cond=1)[0]
+    got = mask.causal_mask(steps[None, :4], steps[None], num_prefix=1)[0]
     expected = algorithm1_mask([0, 2, 4, 7], 1)
     assert torch.equal(got, expected), f"\n{got.int()}\n{expected.int()}"
     print(mask.mask_to_ascii(got))
@@ -120,7 +125,7 @@ def test_mask_vs_brute_force():
             for b in range(8):
                 noisy = steps[b]
                 clean = noisy if static else noisy[noisy < num_steps[b] - 1]
-                got = mask.causal_mask(clean[None], noisy[None], num_cond=3)[0]
+                got = mask.causal_mask(clean[None], noisy[None], num_prefix=3)[0]
                 assert torch.equal(got, brute_force_mask(3, clean.tolist(), noisy.tolist())), (L, b, static)
 
 
@@ -201,7 +206,7 @@ def test_patchify_roundtrip():
     tokens = patchify(x, 2)
     assert tokens.shape == (2, 12, 16)
     assert torch.equal(unpatchify(tokens, 2, 8, 6), x)
-    # channels-last inside a token (SPEC.md Sec. 1): token 0 = x[:, :, :2, :2] as (p, p, C)
+    # channels-last inside a token (as the authors' patchify): token 0 = x[:, :, :2, :2] as (p, p, C)
     assert torch.equal(tokens[:, 0], x[:, :, :2, :2].permute(0, 2, 3, 1).reshape(2, -1))
 
 
@@ -224,7 +229,7 @@ def _check_cache_matches_forward(model, split_sizes, cfg=False):
     clean, noisy, order, _, t, y = _training_inputs(model, n, torch.full((n,), S), g)
     steps = torch.repeat_interleave(torch.arange(S), torch.tensor(split_sizes)).expand(n, L)
     with torch.no_grad():
-        attn = mask.causal_mask(steps, steps, model.num_cond_tokens, time_token=model.time_token)
+        attn = mask.causal_mask(steps, steps, model.num_prefix_tokens, time_token=model.time_token)
         ref = model(clean, noisy, t, y, order, attn)  # (N, L, P)
         batch = 2 * n if cfg else n
         labels = torch.cat([y, torch.full_like(y, model.num_classes)]) if cfg else y
@@ -299,8 +304,8 @@ def tiny_text_model(**kw):
 
 
 def _text_inputs(model, n, g):
-    text = torch.randint(0, model.text_vocab, (n, model.num_cond_tokens), generator=g)
-    return text, torch.randint(1, model.num_cond_tokens + 1, (n,), generator=g)
+    text = torch.randint(0, model.text_vocab, (n, model.num_prefix_tokens), generator=g)
+    return text, torch.randint(1, model.num_prefix_tokens + 1, (n,), generator=g)
 
 
 def test_kv_cache_text_to_image_matches_forward():
@@ -315,7 +320,7 @@ def test_kv_cache_text_to_image_matches_forward():
     with torch.no_grad():
         ref = {}
         for after in (False, True):
-            attn = mask.causal_mask(steps, steps, model.num_cond_tokens, lengths, torch.full((n,), after))
+            attn = mask.causal_mask(steps, steps, model.num_prefix_tokens, lengths, torch.full((n,), after))
             ref[after] = model(clean, noisy, t, None, order, attn, text=text)[0]
         assert (ref[False] - ref[True]).abs().max() > 1e-3  # the text matters
         rep = lambda a: torch.cat([a, a])
@@ -377,7 +382,7 @@ def test_paper_layout_equals_static_layout():
 
 
 def _authors_state_dict(depth, hidden, heads, patch, channels, grid, num_cond, num_classes, g):
-    """Random weights in the authors' key layout and shapes (SPEC.md Sec. 1), written out by hand."""
+    """Random weights in the authors' key layout and shapes (their released checkpoints), written out by hand."""
     P, D, hd = patch * patch * channels, hidden, hidden // heads
     r = lambda *shape: torch.randn(*shape, generator=g) * 0.05
     sd = {"x_proj.weight": r(D, P), "x_proj.bias": r(D),
@@ -436,7 +441,7 @@ def test_authors_state_dict_loads_and_matches():
 
 
 def test_model_sizes_and_params():
-    # SPEC.md Sec. 1: L with 64 cond tokens is ~368M parameters (counted on the meta device, no memory)
+    # paper Sec. 6: L with 64 cond tokens is ~368M parameters (counted on the meta device, no memory)
     with torch.device("meta"):
         base = CausalFusion(size="L", input_size=32, patch_size=2, in_channels=4, num_cond_tokens=64)
         rep = CausalFusion(size="L", input_size=32, patch_size=2, in_channels=4, num_cond_tokens=64, cond_repeat=16)
@@ -452,7 +457,7 @@ def test_bf16_autocast_forward_backward():
     model = tiny_model().train()
     g = torch.Generator().manual_seed(7)
     clean, noisy, order, steps, t, y = _training_inputs(model, 2, torch.tensor([1, 4]), g)
-    attn = mask.causal_mask(steps, steps, model.num_cond_tokens)
+    attn = mask.causal_mask(steps, steps, model.num_prefix_tokens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(clean, noisy, t, y, order, attn)
     ref = model(clean, noisy, t, y, order, attn)
@@ -468,7 +473,7 @@ def test_fast_and_reference_attention_paths_agree():
     model = tiny_model().train()
     g = torch.Generator().manual_seed(10)
     clean, noise, order, steps, t, y = _training_inputs(model, 4, torch.tensor([1, 2, 5, 16]), g)
-    kwargs = dict(y=y, pos=order, attn_mask=mask.causal_mask(steps, steps, model.num_cond_tokens))
+    kwargs = dict(y=y, pos=order, attn_mask=mask.causal_mask(steps, steps, model.num_prefix_tokens))
     results = []
     for kernels in (lambda: sdpa_kernel([SDPBackend.MATH]), contextlib.nullcontext):
         model.zero_grad()

@@ -8,6 +8,7 @@ import tempfile
 
 import torch
 
+import checkpoint
 import finetune
 import train
 from test_train import TINY, _tiny_data
@@ -27,7 +28,7 @@ def pretrained():
 
 
 def classifier(probe=False, drop_path=0.0):
-    model, meta = finetune.load_pretrained(pretrained()[0])
+    model, meta = checkpoint.load_checkpoint(pretrained()[0])
     torch.manual_seed(0)
     return finetune.Classifier(model, meta["num_classes"], drop_path, probe), model
 
@@ -119,8 +120,8 @@ def test_finetune_resumes_exactly_and_probes():
         straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
         # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
         stopped = args + ["--out", os.path.join(tmp, "b")]
-        proc = subprocess.run([sys.executable, "-c", f"import finetune, torch, train\ntorch.set_num_threads("
-                               f"{torch.get_num_threads()})\nsave = train.save_checkpoint\n"
+        proc = subprocess.run([sys.executable, "-c", f"import checkpoint, finetune, torch\ntorch.set_num_threads("
+                               f"{torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
                                f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
                                f"finetune.save_checkpoint = stop\nfinetune.main({stopped!r})"],
                               cwd=HERE, capture_output=True, text=True, timeout=300)
@@ -129,7 +130,7 @@ def test_finetune_resumes_exactly_and_probes():
         assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
         a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
         assert all(torch.equal(a[k], b[k]) for k in a)
-        pre = finetune.load_pretrained(ckpt)[0].state_dict()
+        pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
         assert not torch.equal(a["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # fine-tuned
         # the probe, with a few labels per class: only the head moves; the body is the pretrained EMA
         probe = finetune.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import checkpoint
+import engine
 import mask
 import sample
 import tokenizer as text_lib
@@ -75,7 +77,7 @@ def overfit_model():
             loss.backward()
             opt.step()
         save_ckpt(model, path)
-    return sample.load_checkpoint(path)[0], path
+    return checkpoint.load_checkpoint(path)[0], path
 
 
 def nearest_template(images):
@@ -91,7 +93,7 @@ def reference_tokens(model, labels, batch_seed, steps, ar_steps=1, split="equal"
     A text model's CFG branch is the image-first layout (the image sees no text)."""
     n, L, P = len(labels if text is None else text), model.num_tokens, model.token_dim
     g = torch.Generator().manual_seed(batch_seed)
-    pos, sizes = sample.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
+    pos, sizes = engine.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
     ids = mask.step_ids_from_sizes(sizes).expand(n, L)
     y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 and text is None else labels
@@ -103,13 +105,13 @@ def reference_tokens(model, labels, batch_seed, steps, ar_steps=1, split="equal"
         for size in sizes:
             sl = slice(start, start + size)
             if text is None:
-                attn = mask.causal_mask(ids[:, :start], ids[:, sl], model.num_cond_tokens)
+                attn = mask.causal_mask(ids[:, :start], ids[:, sl], model.num_prefix_tokens)
                 eps_fn = lambda x, t: model(rep(clean, len(x)), x, torch.full((len(x),), t), y, rep(pos[:, sl], len(x)),
                                             rep(attn, len(x)), clean_pos=rep(pos[:, :start], len(x)))
             else:
                 def eps_fn(x, t, start=start, sl=sl):
                     b = len(x)
-                    attn = mask.causal_mask(rep(ids[:, :start], b), rep(ids[:, sl], b), model.num_cond_tokens,
+                    attn = mask.causal_mask(rep(ids[:, :start], b), rep(ids[:, sl], b), model.num_prefix_tokens,
                                             rep(text_lengths, b), after[:b])
                     return model(rep(clean, b), x, torch.full((b,), t), None, rep(pos[:, sl], b), attn,
                                  clean_pos=rep(pos[:, :start], b), text=rep(text, b))[0]
@@ -140,14 +142,14 @@ def run_cli(*args, torchrun=False):
 def test_same_seed_same_samples():
     model, _ = random_model()
     vae, kw = build_vae("none"), dict(ar_steps=3, split="random", steps=10, batch_size=3)
-    a = sample.sample_images(model, vae, 1.0, 7, seed=5, **kw)
-    b = sample.sample_images(model, vae, 1.0, 7, seed=5, **kw)
-    c = sample.sample_images(model, vae, 1.0, 7, seed=6, **kw)
+    a = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
+    b = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
+    c = engine.sample_images(model, vae, 1.0, 7, seed=6, **kw)
     assert a[0].shape == (7, 8, 8, 3) and a[0].dtype == np.uint8
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])  # images and random classes
     # two ranks' shares, put in index order, are the one-process samples
-    shares = [sample.sample_images(model, vae, 1.0, 7, seed=5, rank=r, world_size=2, **kw) for r in (0, 1)]
+    shares = [engine.sample_images(model, vae, 1.0, 7, seed=5, rank=r, world_size=2, **kw) for r in (0, 1)]
     order = np.argsort(np.concatenate([s[2] for s in shares]))
     assert np.array_equal(np.concatenate([s[0] for s in shares])[order], a[0])
 
@@ -155,12 +157,12 @@ def test_same_seed_same_samples():
 def test_ar_mode_one_step_is_diffusion_mode():
     model, _ = random_model()
     labels, diffusion = torch.tensor([0, 3, 1]), Diffusion(20)
-    got = sample.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
+    got = engine.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
     # the same draws through generate() with one AR step of all L tokens: bit-identical
     g = torch.Generator().manual_seed(11)
-    order, sizes = sample.ar_plan(3, torch.arange(16), 1, "equal", "random", g)
+    order, sizes = engine.ar_plan(3, torch.arange(16), 1, "equal", "random", g)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
-    direct = sample.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
+    direct = engine.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
     assert sizes == [16] and torch.equal(got, direct)
     # and DiT-style diffusion sampling without a cache: all L noisy tokens in every forward
     assert_close(got, reference_tokens(model, labels, 11, 20, cfg_scale=2.0, cfg_interval=(0, 600)))
@@ -172,7 +174,7 @@ def test_ar_mode_matches_full_recompute():
     model, _ = random_model()
     labels = torch.tensor([2, 0])
     for kw in (dict(ar_steps=16), dict(ar_steps=3, split="random", order="raster", cfg_scale=3.0)):
-        got = sample.sample_batch(model, Diffusion(8), labels, 4, **kw)
+        got = engine.sample_batch(model, Diffusion(8), labels, 4, **kw)
         assert_close(got, reference_tokens(model, labels, 4, 8, **kw))
 
 
@@ -180,7 +182,7 @@ def test_overfit_model_ar_modes_are_class_consistent():
     model, _ = overfit_model()
     vae = build_vae("none")
     for S in (1, 2, 4, 8):
-        images, labels, _ = sample.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, steps=30, seed=S)
+        images, labels, _ = engine.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, steps=30, seed=S)
         assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
         assert labels.tolist() == [0, 1, 2, 3] * 2
         assert (nearest_template(images) == labels).mean() >= 0.75, (S, nearest_template(images), labels)
@@ -188,7 +190,7 @@ def test_overfit_model_ar_modes_are_class_consistent():
 
 def test_edit_keeps_tokens_bit_identical():
     model, path = overfit_model()
-    originals = sample.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
+    originals = engine.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
     mask_png = os.path.join(TMP.name, "mask.png")
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((2, 2), np.uint8))).save(mask_png)  # diagonal
     for keep, kw in (("outer", {}), ("top", dict(ar_steps=4)), (mask_png, dict(ar_steps=12, cfg_scale=2.0))):
@@ -202,7 +204,7 @@ def test_edit_keeps_tokens_bit_identical():
     assert sample.keep_mask(mask_png, 4).equal(torch.eye(4, dtype=torch.bool))
 
     # the command line on a stored image (vae none: the pixels of the kept region come back exactly)
-    images = sample.tokens_to_images(originals, model, build_vae("none"), 1.0)
+    images = engine.tokens_to_images(originals, model, build_vae("none"), 1.0)
     np.savez(os.path.join(TMP.name, "orig.npz"), arr_0=images)
     out_dir = os.path.join(TMP.name, "edit")
     sample.main(["--ckpt", path, "--edit", os.path.join(TMP.name, "orig.npz"), "--edit-index", "1", "--keep", "top",
@@ -227,7 +229,7 @@ def test_authors_checkpoint_samples():
     path = os.path.join(TMP.name, "authors.pt")
     args = argparse.Namespace(model="CausalFusion-XL", image_size=64, num_classes=10, global_seed=0)
     torch.save({"model": sd, "ema": sd, "opt": {}, "train_steps": 1, "args": args}, path)
-    model, meta = sample.load_checkpoint(path)
+    model, meta = checkpoint.load_checkpoint(path)
     assert model.config == dict(hidden_size=64, depth=2, num_heads=4, input_size=4, patch_size=1, in_channels=16,
                                 num_classes=10, num_cond_tokens=4, cond_repeat=1, learn_pos=True, mlp_ratio=4.0)
     assert meta["vae"] == "mar" and meta["image_size"] == 64 and meta["scale_factor"] == 0.2325
@@ -240,7 +242,7 @@ def test_authors_checkpoint_samples():
     with torch.device("meta"):
         xl = CausalFusion(depth=32, hidden_size=1280, num_heads=20, input_size=16, patch_size=1, in_channels=16,
                           num_classes=1000, num_cond_tokens=64, learn_pos=True)
-    config, meta = sample._authors_config(xl.state_dict(), "mar")
+    config, meta = checkpoint.authors_config(xl.state_dict(), "mar")
     assert config == xl.config and meta["image_size"] == 256 and meta["latent_shape"] == [16, 16, 16]
 
 
@@ -248,9 +250,9 @@ def test_random_and_balanced_classes():
     assert sample.parse_classes([], 4) is None and sample.parse_classes(["random"], 4) is None
     assert sample.parse_classes(["balanced"], 4) == [0, 1, 2, 3]
     assert sample.parse_classes(["blue", "0"], 4, ["red", "blue", "top", "left"]) == [1, 0]
-    balanced = sample.class_labels(4000, sample.parse_classes(["balanced"], 1000), 1000, seed=0)
+    balanced = engine.class_labels(4000, sample.parse_classes(["balanced"], 1000), 1000, seed=0)
     assert torch.bincount(balanced, minlength=1000).eq(4).all()  # 4 of every class
-    random = sample.class_labels(4000, None, 1000, seed=0)
+    random = engine.class_labels(4000, None, 1000, seed=0)
     assert random.min() >= 0 and random.max() < 1000 and torch.bincount(random, minlength=1000).float().std() > 1
 
 
@@ -273,7 +275,7 @@ def test_clear_errors():
     ckpt["model_config"]["num_classes"] = 7
     torch.save(ckpt, bad)
     try:
-        sample.load_checkpoint(bad)
+        checkpoint.load_checkpoint(bad)
         raise AssertionError("no error for a mismatched checkpoint")
     except ValueError as e:
         assert bad in str(e) and "y_embedder.embedding_table.weight: checkpoint (5, 512), config (8, 512)" in str(e)
@@ -321,7 +323,7 @@ def overfit_text_model():
     path = os.path.join(TMP.name, "overfit_text.pt")
     tok = text_lib.ByteTokenizer()
     if not os.path.exists(path):
-        from train import forward_losses
+        from training import forward_losses
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
@@ -342,7 +344,7 @@ def overfit_text_model():
             loss.backward()
             opt.step()
         save_text_ckpt(model, path, tok)
-    return sample.load_checkpoint(path)[0], path, tok
+    return checkpoint.load_checkpoint(path)[0], path, tok
 
 
 def test_text_to_image_matches_full_recompute():
@@ -351,20 +353,20 @@ def test_text_to_image_matches_full_recompute():
     model, _, tok = text_model()
     text, lengths, _ = text_lib.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
     for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
-        got = sample.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
+        got = engine.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
         assert_close(got, reference_tokens(model, None, 3, 6, text=text, text_lengths=lengths, **kw))
 
 
 def test_overfit_text_model_generates_and_captions():
     model, path, tok = overfit_text_model()
     vae = build_vae("none")
-    images, prompts, _ = sample.sample_images(model, vae, 1.0, 8, steps=30, seed=1, prompts=WORDS, tokenizer=tok,
+    images, prompts, _ = engine.sample_images(model, vae, 1.0, 8, steps=30, seed=1, prompts=WORDS, tokenizer=tok,
                                               ar_steps=4, cfg_scale=2.0)
     assert list(prompts) == WORDS * 2
     assert (nearest_template(images) == np.arange(8) % 4).mean() >= 0.75, nearest_template(images)
     tokens = patchify(templates(), 2)  # the clean images, (4, 16, 12)
-    assert sample.caption_images(model, tokens, tok) == WORDS
-    sampled = sample.caption_images(model, tokens, tok, temperature=1.0, top_k=1, generator=torch.Generator())
+    assert engine.caption_images(model, tokens, tok) == WORDS
+    sampled = engine.caption_images(model, tokens, tok, temperature=1.0, top_k=1, generator=torch.Generator())
     assert sampled == WORDS  # top-1 sampling is greedy
 
 

@@ -7,7 +7,7 @@ import tempfile
 import numpy as np
 
 import shapes
-from extract_latents import ExtractionError
+from latents import ExtractionError
 
 
 def test_shapes_draw_shapes_unchanged():
@@ -104,7 +104,7 @@ def test_shapes_build_caption_demo_data():
         images = np.stack([np.asarray(shapes.Image.open(os.path.join(folder, r["file_name"]))) for r in rows])
         assert np.array_equal(images, shapes.draw_captioned(attrs, 16, 0))
         if out is not None:
-            from extract_latents import LatentData
+            from latents import LatentData
             data = LatentData(out)
             assert len(data) == 50 and data.latent_shape == (3, 16, 16)
             assert [c[0] for c in data.captions] == [r["text"] for r in rows]

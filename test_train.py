@@ -1,4 +1,5 @@
-"""Tests of train.py: DDP = one process, exact resume, non-finite loss, the demo learns, refused checkpoints.
+"""Tests of train.py and training.py: DDP = one process, exact resume, non-finite loss, the demo learns, refused
+checkpoints.
 
 Tiny runs on 8x8-pixel shapes (16 tokens), each in its own temporary directory; the DDP test launches
 `torchrun --nproc_per_node=2` (gloo, CPU) in a subprocess.
@@ -17,9 +18,13 @@ from PIL import Image
 
 import shapes
 import tokenizer as text_lib
+import mask
+import runtime
 import train
-from extract_latents import LatentData, extract
-from model import patchify
+import training
+from diffusion import Diffusion
+from latents import LatentData, extract
+from model import CausalFusion, patchify
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = ["--size", "T", "--patch-size", "2", "--num-cond-tokens", "4", "--batch-size", "8", "--lr", "1e-3",
@@ -53,14 +58,14 @@ def _same_state(a, b, atol=0.0):
 def test_micro_batch_draws():
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_tiny_data(tmp))
-        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, per_step_t=True, class_dropout=0.5)
-        idx = train.step_indices(0, 16, len(data), seed=0)
-        b = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000)
+        idx = runtime.step_indices(0, 16, len(data), seed=0)
+        b = training.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000)
         clean, noise, t, y, order, steps = (b[k] for k in ("clean", "noise", "t", "y", "order", "steps"))
         assert clean.shape == noise.shape == (16, 16, 12) and t.shape == steps.shape == order.shape == (16, 16)
         # clean tokens: the latents drawn by LatentData.batch with the same stream, in each sample's AR order
-        x, labels = data.batch(idx, train.seeded(0, 1, 0, 0))
+        x, labels = data.batch(idx, runtime.seeded(0, 1, 0, 0))
         tokens = patchify(x, 2)
         assert torch.equal(clean, tokens.gather(1, order[..., None].expand_as(tokens)))
         # per-step t: one timestep per AR step (all slots of a step agree; a new step draws again)
@@ -68,7 +73,7 @@ def test_micro_batch_draws():
         assert (t[:, 1:] == t[:, :-1])[same_step].all() and (t[:, 1:] != t[:, :-1])[~same_step].float().mean() > 0.9
         assert ((y == model.null_class) | (y == labels)).all() and 0 < (y == model.null_class).sum() < 16
         # the data order: each epoch visits every sample once (the last partial batch dropped)
-        epoch = torch.cat([train.step_indices(s, 8, len(data), seed=0) for s in range(len(data) // 8)])
+        epoch = torch.cat([runtime.step_indices(s, 8, len(data), seed=0) for s in range(len(data) // 8)])
         assert torch.equal(epoch.sort().values, torch.arange(len(data)))
 
 
@@ -168,7 +173,7 @@ def test_training_steps_read_nothing_back_from_the_device():
             return real[name](self, *a, **kw)
         return read
 
-    real_draw = train.draw_micro_batch
+    real_draw = training.draw_micro_batch
 
     def draw(*a, **kw):
         in_data[0] = True
@@ -181,7 +186,7 @@ def test_training_steps_read_nothing_back_from_the_device():
         args = TINY + ["--data", _tiny_data(tmp), "--log-every", "100", "--ckpt-every", "100"]
         counts = {}
         try:
-            train.draw_micro_batch = draw
+            training.draw_micro_batch = draw
             for name in names:
                 setattr(torch.Tensor, name, counting(name))
             for steps in (4, 8):
@@ -189,7 +194,7 @@ def test_training_steps_read_nothing_back_from_the_device():
                 train.main(args + ["--max-steps", str(steps), "--out", os.path.join(tmp, str(steps))])
                 counts[steps] = sorted(reads)
         finally:
-            train.draw_micro_batch = real_draw
+            training.draw_micro_batch = real_draw
             for name in names:
                 setattr(torch.Tensor, name, real[name])
         assert counts[4] and counts[8] == counts[4], Counter(counts[8]) - Counter(counts[4])  # the reads per step
@@ -254,11 +259,11 @@ def test_captioned_micro_batch_draws():
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_captioned_data(tmp, per_class=4))
         tok = text_lib.ByteTokenizer()
-        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=0,
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=0,
                                    text_vocab=tok.vocab_size, text_len=12)
         cfg = dict(train.config, text_len=12, flip=False)
         idx = torch.arange(40)
-        b = train.draw_micro_batch(data, model, idx, train.seeded(0, 1, 0, 0), cfg, 1000, tok)
+        b = training.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000, tok)
         assert b["text"].shape == (40, 12) and b["text_len"].shape == b["text_after"].shape == (40,)
         drawn = []
         for i in range(40):  # each example's text is one of its image's captions, cut to 12 tokens with BOS, EOS
@@ -301,20 +306,20 @@ def test_single_step_runs_leave_out_the_clean_tokens():
     # loss is the static layout's
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_tiny_data(tmp))
-        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
         torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
         cfg = dict(train.config, gamma=0.0)
-        b = train.draw_micro_batch(data, model, torch.arange(16), train.seeded(0, 1, 0, 0), cfg, 1000)
+        b = training.draw_micro_batch(data, model, torch.arange(16), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         seen = []
         forward = model.forward
         model.forward = lambda clean, *a, **kw: seen.append(clean.shape[1]) or forward(clean, *a, **kw)
         with torch.no_grad():
-            loss = train.forward_losses(model, model, train.Diffusion(), b, cfg)[0]
-            xt = train.Diffusion().q_sample(b["clean"], b["t"], b["noise"])
-            attn = train.mask.causal_mask(b["steps"], b["steps"], model.num_cond_tokens)
+            loss = training.forward_losses(model, model, Diffusion(), b, cfg)[0]
+            xt = Diffusion().q_sample(b["clean"], b["t"], b["noise"])
+            attn = mask.causal_mask(b["steps"], b["steps"], model.num_prefix_tokens)
             eps = forward(b["clean"], xt, b["t"], b["y"], b["order"], attn)
         assert seen == [0] and b["steps"].eq(0).all()
-        static = train.Diffusion.eps_loss(eps, b["noise"], train.mask.ar_weights(b["steps"], cfg["ar_lambda"]))
+        static = Diffusion.eps_loss(eps, b["noise"], mask.ar_weights(b["steps"], cfg["ar_lambda"]))
         assert torch.allclose(loss, static, rtol=1e-5), (loss, static)
 
 
@@ -323,20 +328,20 @@ def test_fixed_ar_steps_train_and_block_size():
     # Algorithm 1's on the authors' layout; Table 3b's block size reaches the block-raster order
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_tiny_data(tmp))
-        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, ar_steps_train=4, order="block_raster", order_block=4)
-        b = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+        b = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         assert torch.equal(b["steps"], torch.arange(4).repeat_interleave(4).expand(8, 16))
         assert torch.equal(b["order"][0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]))
         cfg["order_block"] = 2  # 2x2 blocks of the 4x4 grid, in raster order
-        b2 = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+        b2 = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         assert b2["order"][0, :8].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
         steps = b["steps"][:1]
-        authors = train.mask.causal_mask(steps[:, :12], steps, model.num_cond_tokens)[0]  # steps 1..S-1 clean
+        authors = mask.causal_mask(steps[:, :12], steps, model.num_prefix_tokens)[0]  # steps 1..S-1 clean
         from test_all import algorithm1_mask
-        assert torch.equal(authors, algorithm1_mask([0, 4, 8, 12, 16], model.num_cond_tokens))
+        assert torch.equal(authors, algorithm1_mask([0, 4, 8, 12, 16], model.num_prefix_tokens))
         # the default (random S) stream is untouched by the option's existence
-        plain = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0),
+        plain = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
                                        dict(cfg, ar_steps_train=0, order_block=4), 1000)
         assert not plain["steps"].eq(b["steps"]).all() and torch.equal(plain["noise"], b["noise"])
 
@@ -346,12 +351,12 @@ def test_noisy_copies_and_per_batch_split():
     # each other, so the loss is the mean of the K one-copy losses
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_tiny_data(tmp))
-        model = train.CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
         torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
         L, K = 16, 3
         for per_step_t in (False, True):
             cfg = dict(train.config, noisy_copies=K, per_step_t=per_step_t)
-            b = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), cfg, 1000)
+            b = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
             assert b["noise"].shape == (8, K * L, 12) and b["t"].shape == (8, K * L)
             t = b["t"].view(8, K, L)
             if per_step_t:  # one t per AR step of each copy
@@ -362,15 +367,15 @@ def test_noisy_copies_and_per_batch_split():
             else:
                 assert (t == t[:, :, :1]).all() and (t[:, 0] != t[:, 1]).any()
             with torch.no_grad():
-                loss = train.forward_losses(model, model, train.Diffusion(), b, cfg)[0]
-                parts = [train.forward_losses(model, model, train.Diffusion(),
+                loss = training.forward_losses(model, model, Diffusion(), b, cfg)[0]
+                parts = [training.forward_losses(model, model, Diffusion(),
                                               dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
                                               dict(cfg, noisy_copies=1))[0] for j in range(K)]
             assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5), (loss, parts)
         # the authors' split: one S and one split per micro-batch (the default draws one per sample)
-        per_batch = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0),
+        per_batch = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
                                            dict(train.config, split="batch"), 1000)["steps"]
-        per_sample = train.draw_micro_batch(data, model, torch.arange(8), train.seeded(0, 1, 0, 0), train.config,
+        per_sample = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), train.config,
                                             1000)["steps"]
         assert (per_batch == per_batch[:1]).all() and per_batch.max() > 0
         assert not (per_sample == per_sample[:1]).all()

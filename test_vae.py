@@ -1,4 +1,4 @@
-"""Tests of vae.py (checkpoint layouts, shapes) and extract_latents.py (extraction, resuming, bad input)."""
+"""Tests of vae.py (checkpoint layouts, shapes) and latents.py / extract_latents.py (extraction, resuming, bad input)."""
 import argparse
 import json
 import os
@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import vae as vae_lib
-from extract_latents import ExtractionError, LatentData, center_crop, extract
+from images import center_crop
+from latents import ExtractionError, LatentData, extract
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a small KL autoencoder: 3 levels of different widths (so a reversed decoder fails), attention in both halves
@@ -260,7 +261,7 @@ def test_vae_none_is_the_identity():
     assert (model.kind, model.scale_factor, model.downsample, model.latent_channels) == ("none", 1.0, 1, 3)
 
 
-# ------------------------------------------------------------------------------- extract_latents.py
+# ------------------------------------------------------------------------------- latents.py, extract_latents.py
 def _draw(size, seed):
     img = Image.new("RGB", size, (40 * seed % 256, 90, 200 - 20 * seed))
     draw = ImageDraw.Draw(img)
@@ -346,7 +347,7 @@ def test_extract_random_mar_vae_moments_and_sampling():
         root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
         good, labels, _ = _make_tree(root)
         meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=32, batch_size=4, shard_size=5,
-                       num_workers=0, precision="fp32")
+                       num_workers=0, dtype="fp32")
         data = LatentData(out)
         assert meta["skipped"] == 2 and data.labels.tolist() == labels
         assert data.latent_shape == (16, 2, 2) and data.scale_factor == 0.2325 and data.vae == "mar"
@@ -423,7 +424,7 @@ def test_extract_resume_guard_and_bad_input():
 
 def _extract_cli(root, out):
     """python extract_latents.py on root -> out (pixel space, 16 px) in a subprocess."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data-path", root, "--vae",
+    return subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data", root, "--vae",
                            "none", "--image-size", "16", "--out", out, "--num-workers", "0"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

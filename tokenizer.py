@@ -1,4 +1,4 @@
-"""Text tokenizers of the multimodal model (SPEC.md Sec. 9).
+"""Text tokenizers of the multimodal model (paper Sec. 6: the LLaMA-3 tokenizer, 35 text tokens in Table 11).
 
     tok = build_tokenizer("")                     # ByteTokenizer: UTF-8 bytes 0..255, bos 256, eos 257
     tok = build_tokenizer("llama3/tokenizer.model")  # TiktokenTokenizer: LLaMA-3 BPE, 128,000 ranks + 256 specials

@@ -1,4 +1,5 @@
-"""The VAEs that map images to latents and back (SPEC.md Sec. 7).
+"""The VAEs that map images to latents and back (paper App. C, Tables 9-10: the SD VAE for the ablations, MAR's
+KL-16 VAE for the system-level models).
 
 Both released VAEs are the LDM KL autoencoder: a ResNet encoder to the mean and log-variance of a diagonal
 Gaussian, and a mirrored decoder. One implementation, parameterized, serves
@@ -9,7 +10,7 @@ Modules carry the LDM parameter names, so LDM/CompVis and MAR checkpoints load a
 files are renamed on load. Loading is strict: a missing or unexpected key is an error listing the keys.
 
 Latents here are UNSCALED. The diffusion model works on latents * scale_factor (unit variance); that factor
-lives only in SCALE_FACTORS below and travels with the extracted latents (extract_latents.py's meta.json).
+lives only in SCALE_FACTORS below and travels with the extracted latents (latents.py's meta.json).
 """
 import argparse
 import json

@@ -1,0 +1,41 @@
+"""Image files in and out: the extensions read, ADM's centre crop (extraction, editing and captioning crop alike),
+and the PNG grids of samples and captions."""
+import textwrap
+
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def center_crop(img, size):
+    """ADM's centre crop: halve with BOX while the short side >= 2 * size, resize the short side to size
+    with BICUBIC, crop the centre."""
+    while min(img.size) >= 2 * size:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def save_grid(images, path, ncol, pad=2, captions=None):
+    """uint8 images (N, H, W, 3) -> one PNG, ncol per row, white padding; with captions (N strings), each
+    image is shown at least 128 px wide with its caption under it (wrapped, at most 3 lines)."""
+    if captions is not None:
+        zoom = max(1, -(-128 // images.shape[2]))
+        images = images.repeat(zoom, 1).repeat(zoom, 2)
+    n, h, w, _ = images.shape
+    font = ImageFont.load_default()
+    line = font.getbbox("Ag")[3] + 2
+    lines = [textwrap.wrap(c, max(1, int(w / font.getlength("x")) - 1))[:3] for c in captions] if captions else []
+    text_h = line * max(map(len, lines), default=0)
+    nrow, cell = -(-n // ncol), h + text_h + pad
+    grid = Image.new("RGB", (ncol * (w + pad) + pad, nrow * cell + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, image in enumerate(images):
+        r, c = divmod(i, ncol)
+        x, y = pad + c * (w + pad), pad + r * cell
+        grid.paste(Image.fromarray(image), (x, y))
+        for j, text in enumerate(lines[i] if lines else []):
+            draw.text((x, y + h + j * line), text, fill="black", font=font)
+    grid.save(path)

@@ -1,4 +1,5 @@
-"""Speed of training and sampling, the fast path against a plain reference path, in one run.
+"""Speed of training and sampling, the fast path against a plain reference path, in one run; and the samplers'
+quality against their step counts on a checkpoint of the class demo.
 
     python bench.py                                  # CPU: size T on 16x16x3 pixels (the demo's shape)
     python bench.py --device cuda --size L --input-size 32 --in-channels 4 --batch-size 32 --compile
@@ -11,6 +12,13 @@ SDPA's math backend, no compile). Sampling: images/s of diffusion mode and AR mo
 through the KV cache, same samples and DDPM steps, with and without CFG. Medians over --repeats (training)
 and --sample-repeats after a warm-up, in rounds that run every configuration once, so that the ratios
 hold on a shared machine; CUDA is synchronized before every clock read.
+
+    python bench.py --what quality --ckpt out/demo/ckpt.pt            # every sampler x steps, S = 1 and 4
+
+Quality: for each --quality-runs sampler and each --quality-ar-steps S, --quality-samples class-balanced samples
+per seed (--quality-seeds seeds) of the demo checkpoint at --quality-cfg, scored against fresh demo images by the
+Frechet distance of their raw pixels (FD, no network needed; real images drawn afresh score its floor) and the
+share whose nearest real image has their class; mean and spread over the seeds, and the seconds of each run.
 """
 import contextlib
 import copy
@@ -19,19 +27,24 @@ import json
 import statistics
 import time
 
+import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mask
+import shapes
+from checkpoint import load_checkpoint
 from config import parse_config
 from diffusion import Diffusion
-from engine import sample_batch
+from engine import make_sampler, sample_batch, sample_images
+from fid import frechet_distance
 from model import CausalFusion
 from runtime import autocast, autocast_dtype
 from training import ema_update, forward_losses
+from vae import build_vae
 
 config = dict(
-    what="train,sample",  # which benchmarks: train, sample, text (a training step with a text against one without)
+    what="train,sample",  # train, sample, text (a training step with a text against one without), quality
     device="cpu",  # cpu or cuda
     size="T",  # model size (model.py SIZES)
     input_size=16,  # latent side (16 = the demo's 16x16 pixels; 32 = SD latents of 256x256 images)
@@ -45,12 +58,22 @@ config = dict(
     warmup=2,  # untimed training steps first
     sample_repeats=3,  # timed sampling runs per (scale, S), after a two-DDPM-step warm-up (the median is reported)
     steps=25,  # DDPM steps of the sampling benchmark (paper: 250)
+    samplers=(),  # fast samplers to time beside DDPM, as NAME:STEPS (e.g. ddim:50 dpm++:20; see sample.py --sampler)
     ar_steps=(1, 4, 16, 64, 0),  # AR steps S to sample with (0 = L, token by token)
     sample_scales=(1.0, 1.5),  # CFG scales of the sampling runs (1 = no guidance, one batch; > 1 a doubled one)
     peak_tflops=0.0,  # device bf16 peak for MFU; 0 = from the GPU's name (H100 SXM 989, PCIe 756, A100 312)
     seed=0,  # inputs and sampling seed
     text_len=35,  # --what text: text tokens in place of the class tokens (paper: 35)
     text_vocab=128256,  # --what text: text vocabulary (LLaMA-3: 128256; the byte tokenizer: 258)
+    ckpt="",  # --what quality: a checkpoint of the class demo (python train.py)
+    quality_runs=("ddpm:250", "ddpm:50", "ddpm:20", "ddim:50", "ddim:20", "ddim:10", "ddim:20:eta=1", "ddim:10:eta=1",
+                  "dpm++:20", "dpm++:10", "dpm++:5", "dpm++sde:20", "dpm++sde:10", "dpm++sde:5"),  # NAME:STEPS[:eta=E]
+    # [:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing)
+    quality_ar_steps=(1, 4),  # --what quality: AR steps S of each run
+    quality_samples=500,  # --what quality: samples per run and seed, the classes in turn
+    quality_seeds=3,  # --what quality: seeds per run (the spread is over them)
+    quality_cfg=5.0,  # --what quality: CFG scale (the demo's)
+    quality_real=5000,  # --what quality: fresh real images of the reference set
 )
 
 
@@ -185,21 +208,84 @@ def bench_train(cfg, device, amp):
 
 def bench_sample(cfg, device, dtype):
     model = build_model(cfg, device).eval()
-    diffusion, n, L = Diffusion(cfg["steps"]), cfg["batch_size"], model.num_tokens
+    n, L = cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
+    samplers = {f"ddpm-{cfg['steps']}": make_sampler(cfg["steps"])}
+    for spec in cfg["samplers"]:
+        name, _, steps = spec.partition(":")
+        if not steps.isdigit():
+            raise ValueError(f"--samplers {spec!r}: expected NAME:STEPS, e.g. dpm++:20")
+        samplers[f"{name}-{steps}"] = make_sampler(int(steps), name)
     runs = {}
-    for scale in cfg["sample_scales"]:
-        for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
-            run = functools.partial(sample_batch, model, labels=labels, batch_seed=cfg["seed"], ar_steps=s,
-                                    cfg_scale=scale, dtype=dtype)
-            run(diffusion=Diffusion(2))  # warm-up: the same calls, two DDPM steps
-            runs[(scale, s)] = functools.partial(run, diffusion=diffusion)
+    for sampler, diffusion in samplers.items():
+        for scale in cfg["sample_scales"]:
+            for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
+                run = functools.partial(sample_batch, model, labels=labels, batch_seed=cfg["seed"], ar_steps=s,
+                                        cfg_scale=scale, dtype=dtype)
+                run(diffusion=make_sampler(2, diffusion.sampler))  # warm-up: the same calls, two steps
+                runs[(sampler, scale, s)] = functools.partial(run, diffusion=diffusion)
     results = {key: seconds for key, (seconds, _) in timed_rounds(runs, cfg["sample_repeats"], device).items()}
-    rows, first = {}, min(s for _, s in results)  # S = 1 unless --ar-steps leaves it out
-    for (scale, s), seconds in results.items():
-        rows[f"cfg {scale:g} S={s}"] = dict(images_per_s=n / seconds, seconds=seconds,
-                                            vs_S1=seconds / results[(scale, first)])
+    rows, first = {}, min(s for _, _, s in results)  # S = 1 unless --ar-steps leaves it out
+    for (sampler, scale, s), seconds in results.items():
+        rows[f"{sampler} cfg {scale:g} S={s}"] = dict(images_per_s=n / seconds, seconds=seconds,
+                                                     vs_S1=seconds / results[(sampler, scale, first)])
     return rows
+
+
+def parse_run(spec):
+    """NAME:STEPS[:eta=E][:spacing=S] -> (sample.py's sampler options, make_sampler of them)."""
+    name, _, rest = spec.partition(":")
+    steps, *extras = rest.split(":")
+    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_sampler's error
+    for item in extras:
+        key, _, value = item.partition("=")
+        if key not in ("eta", "spacing"):
+            raise ValueError(f"--quality-runs {spec!r}: expected NAME:STEPS[:eta=E][:spacing=S]")
+        options[key] = float(value) if key == "eta" else value
+    return options, make_sampler(**options)
+
+
+def pixel_stats(images):
+    """Mean and covariance of uint8 images (N, H, W, 3) as vectors in [0, 1]: float64."""
+    x = images.reshape(len(images), -1).astype(np.float64) / 255
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def bench_quality(cfg, device, dtype):
+    """{(run, S): dict(fd, fd_spread, nn_accuracy, seconds, ...)} and the real images' FD floor (see the top)."""
+    model, meta = load_checkpoint(cfg["ckpt"])
+    if meta["vae"] != "none" or meta["num_classes"] != len(shapes.SHAPES):
+        raise ValueError(f"--ckpt {cfg['ckpt']}: --what quality scores the class demo's pixels; train it with "
+                         f"python train.py")
+    model.to(device)
+    size, n, seeds = meta["image_size"], cfg["quality_samples"], range(cfg["quality_seeds"])
+    real, real_labels = shapes.draw_shapes(cfg["quality_real"] // 10, size, seed=10_000)  # unseen in training
+    real_mu, real_cov = pixel_stats(real)
+    real_x = torch.from_numpy(real.reshape(len(real), -1)).float()
+    fd = lambda images: frechet_distance(*pixel_stats(images), real_mu, real_cov)
+    floor = [fd(shapes.draw_shapes(n // 10, size, seed=20_000 + s)[0]) for s in seeds]
+    print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}")
+    results, vae = {}, build_vae("none")
+    for spec in cfg["quality_runs"]:
+        options, diffusion = parse_run(spec)
+        for S in cfg["quality_ar_steps"]:
+            scores, accs, seconds = [], [], []
+            for seed in seeds:
+                start = time.time()
+                images, labels, _ = sample_images(model, vae, 1.0, n, list(range(10)), ar_steps=S, diffusion=diffusion,
+                                                  cfg_scale=cfg["quality_cfg"], seed=seed, batch_size=cfg["batch_size"],
+                                                  dtype=dtype)
+                seconds.append(time.time() - start)
+                scores.append(fd(images))
+                nearest = torch.cdist(torch.from_numpy(images.reshape(n, -1)).float(), real_x).argmin(1)
+                accs.append(float((real_labels[nearest.numpy()] == labels).mean()))
+            results[(spec, S)] = dict(calls=len(diffusion.timesteps), fd=float(np.mean(scores)),
+                                      fd_spread=float(np.std(scores)), fds=scores, nn_accuracy=float(np.mean(accs)),
+                                      seconds=float(np.mean(seconds)))
+            r = results[(spec, S)]
+            print(f"{spec:22s} S={S:<3d} FD {r['fd']:7.3f} +- {r['fd_spread']:.3f}  nearest-class "
+                  f"{r['nn_accuracy']:.3f}  {r['seconds']:6.1f} s", flush=True)
+    return dict(runs=results, real_floor=float(np.mean(floor)), real_floor_spread=float(np.std(floor)))
 
 
 def main(argv=None):
@@ -219,6 +305,8 @@ def main(argv=None):
         report["sample"] = bench_sample(cfg, device, dtype)
     if "text" in cfg["what"]:
         report["text"] = bench_text(cfg, device, amp)
+    if "quality" in cfg["what"]:
+        report["quality"] = bench_quality(cfg, device, dtype)
     if "train" in report:
         ref, fast = report["train"]["reference"], report["train"]["fast"]
         print(f"\ntraining, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}:")
@@ -228,10 +316,10 @@ def main(argv=None):
                   f"{r['tflops']:8.2f} {r.get('mfu', float('nan')):6.1%} {r['peak_mem_gib']:9.2f}")
         print(f"fast / reference: {fast['steps_per_s'] / ref['steps_per_s']:.2f}x")
     if "sample" in report:
-        print(f"\nsampling, size {cfg['size']}, batch {cfg['batch_size']}, {cfg['steps']} DDPM steps, {dtype}:")
-        print(f"{'run':16s} {'img/s':>9s} {'seconds':>9s} {'vs S=1':>7s}")
+        print(f"\nsampling, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}:")
+        print(f"{'run':28s} {'img/s':>9s} {'seconds':>9s} {'vs S=1':>7s}")
         for run, r in report["sample"].items():
-            print(f"{run:16s} {r['images_per_s']:9.2f} {r['seconds']:9.2f} {r['vs_S1']:6.2f}x")
+            print(f"{run:28s} {r['images_per_s']:9.2f} {r['seconds']:9.2f} {r['vs_S1']:6.2f}x")
     if "text" in report:
         r = report["text"]
         print(f"\ntraining step with and without a text, size {cfg['size']}, batch {cfg['batch_size']}, {dtype}, "

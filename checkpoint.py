@@ -31,11 +31,20 @@ def save_checkpoint(ckpt, out, numbered):
 
 
 def read_checkpoint(path):
-    """The dict of a checkpoint file (either format), on the CPU."""
+    """The dict of a checkpoint file (either format), on the CPU; a file that is not one (truncated, another
+    format) is a ValueError naming it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
-    with torch.serialization.safe_globals([argparse.Namespace]):  # the authors pickle their args
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # the authors pickle their args
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, OSError, pickle and zip errors for a bad file
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why[:200]}); expected a file of "
+                         f"train.py, finetune.py or the authors' code, written whole") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return ckpt
 
 
 def authors_config(sd, vae):
@@ -57,20 +66,24 @@ def authors_config(sd, vae):
     return model_config, meta
 
 
-def load_checkpoint(path, use_ema=True, vae=None):
-    """A train.py or authors' checkpoint -> (CausalFusion in eval mode on the CPU, data meta dict); vae names the
-    authors' checkpoint's VAE (default mar). A weight that does not fit the config is an error listing all."""
-    ckpt = read_checkpoint(path)
+def _weights(ckpt, path, use_ema, vae):
+    """(state dict, model config, data meta) of a read train.py or authors' checkpoint."""
     key = "ema" if use_ema else "model"
     if key not in ckpt:
         raise ValueError(f"{path}: no {key!r} weights (keys: {list(ckpt)[:8]}); see --ema")
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt[key].items()}  # DDP/compile
     if "model_config" in ckpt:
-        model_config, meta = ckpt["model_config"], dict(ckpt["data"], tokenizer=ckpt.get("tokenizer"))
-    elif "args" in ckpt:
-        model_config, meta = authors_config(sd, vae or "mar")
-    else:
-        raise ValueError(f"{path}: neither a train.py checkpoint (model_config) nor the authors' (args)")
+        return sd, ckpt["model_config"], dict(ckpt["data"], tokenizer=ckpt.get("tokenizer"))
+    if "args" in ckpt:
+        return (sd, *authors_config(sd, vae or "mar"))
+    raise ValueError(f"{path}: neither a train.py checkpoint (model_config) nor the authors' (args)")
+
+
+def load_checkpoint(path, use_ema=True, vae=None):
+    """A train.py or authors' checkpoint -> (CausalFusion in eval mode on the CPU, data meta dict); vae names the
+    authors' checkpoint's VAE (default mar). A weight that does not fit the config is an error listing all."""
+    sd, model_config, meta = _weights(read_checkpoint(path), path, use_ema, vae)
+    key = "ema" if use_ema else "model"
     model = CausalFusion(**model_config)
     expected = model.state_dict()
     problems = ([f"missing {k} {tuple(v.shape)}" for k, v in expected.items() if k not in sd]
@@ -101,3 +114,46 @@ def check_resumable(ckpt, path, model_config, data_info, tokenizer):
             raise ValueError(f"--resume: {path} was trained with another tokenizer (checkpoint: {theirs.get('kind')} "
                              f"{theirs.get('sha256', '')}, this run: {ours['kind']} {ours.get('sha256', '')}); pass "
                              f"the original --tokenizer")
+
+
+def init_from(model, path, use_ema=True):
+    """Copy the weights of a train.py or authors' checkpoint into a freshly initialized model (train.py
+    --init-from: a new run from someone's weights). What may differ, and how it is carried over:
+      the class count: the rows of the classes both share (by index) are copied, the null class row goes to the
+        null class row, new classes keep their fresh initialization;
+      the latent grid: a learned position embedding is resized bicubically (as a 2-D grid), the fixed sin-cos one
+        is the model's own, recomputed for its grid.
+    Anything else that does not fit (another width, depth, patch, channels, class-token count, a tensor one side
+    lacks) is a ValueError listing all of it. Returns the list of the carried-over differences, for the log."""
+    sd, _, _ = _weights(read_checkpoint(path), path, use_ema, None)
+    own, notes, problems = model.state_dict(), [], []
+    problems += [f"unexpected {k} {tuple(v.shape)}" for k, v in sd.items() if k not in own]
+    for key, fresh in own.items():
+        if key not in sd:
+            problems.append(f"missing {key} {tuple(fresh.shape)}")
+            continue
+        theirs = sd[key].to(fresh.dtype)
+        if theirs.shape == fresh.shape:
+            fresh.copy_(theirs)
+        elif key == "y_embedder.embedding_table.weight" and theirs.shape[1] == fresh.shape[1]:
+            shared = min(len(theirs), len(fresh)) - 1  # the last row is the null class on both sides
+            fresh[:shared] = theirs[:shared]
+            fresh[-1] = theirs[-1]
+            notes.append(f"classes: {len(theirs) - 1} -> {len(fresh) - 1} (the first {shared} and the null class "
+                         f"copied)")
+        elif key == "pos_embed" and theirs.shape[2] == fresh.shape[2]:
+            if model.pos_embed.requires_grad:  # learned: resize the grid
+                old, new = math.isqrt(theirs.shape[1]), math.isqrt(fresh.shape[1])
+                grid = theirs[0].T.reshape(1, -1, old, old)  # (1, D, g, g)
+                grid = torch.nn.functional.interpolate(grid.float(), size=(new, new), mode="bicubic",
+                                                       align_corners=False)
+                fresh.copy_(grid.reshape(-1, new * new).T[None])  # (1, L, D)
+                notes.append(f"learned position embedding resized from {old}x{old} to {new}x{new}")
+            else:
+                notes.append(f"fixed sin-cos position embedding recomputed for {math.isqrt(fresh.shape[1])}x"
+                             f"{math.isqrt(fresh.shape[1])}")
+        else:
+            problems.append(f"{key}: checkpoint {tuple(theirs.shape)}, this run {tuple(fresh.shape)}")
+    if problems:
+        raise ValueError(f"--init-from {path}: these weights do not fit this run's model:\n  " + "\n  ".join(problems))
+    return notes

@@ -9,16 +9,31 @@ Randomness: sample_batch draws the order, the split and the noise from one seed;
 batch b by (seed, b) alone and lets rank r take batches r, r + world, ..., so the samples do not depend on the
 number of processes.
 """
+import os
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import mask
 import tokenizer as text_lib
 from diffusion import Diffusion
 from model import patchify, unpatchify
+
+# steps per AR step when --steps is 0: the paper's DDPM protocol, and the fast samplers' recommended counts
+DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
+
+
+def make_sampler(steps=0, sampler="ddpm", eta=0.0, spacing=""):
+    """The Diffusion sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
+    --sample-steps with the same others): steps 0 = the sampler's default (DEFAULT_STEPS), eta only for ddim
+    (0: deterministic), spacing "" = the sampler's default timesteps."""
+    if steps < 0:
+        raise ValueError(f"--steps must be >= 1, or 0 for the sampler's default ({DEFAULT_STEPS}); got {steps}")
+    return Diffusion(steps or DEFAULT_STEPS.get(sampler, 1), sampler=sampler,
+                     eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None)
 
 
 # ------------------------------------------------------------------------------------------ one batch
@@ -113,7 +128,7 @@ def class_labels(num_samples, classes, num_classes, seed):
 
 
 def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=1, split="equal", order="random",
-                  steps=250, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16, dtype="fp32", rank=0,
+                  diffusion=None, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16, dtype="fp32", rank=0,
                   world_size=1, prompts=None, tokenizer=None):
     """This rank's share of the num_samples images: (uint8 (n, H, W, 3), labels (n,) or for a text model their
     prompts (n,) (--prompts cycled), sample indices (n,)). Rank r takes global batches r, r + world_size, ...;
@@ -127,14 +142,18 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
                   f"and were cut")
     else:
         labels = class_labels(num_samples, classes, model.num_classes, seed).numpy()
-    diffusion = Diffusion(steps)
+    diffusion = diffusion or Diffusion()  # default: the paper's 250 DDPM steps
     images, index = [], []
     for b in tqdm(range(rank, -(-num_samples // batch_size), world_size), disable=rank > 0, desc="batches"):
         idx = torch.arange(b * batch_size, min(num_samples, (b + 1) * batch_size))
         cond = dict(labels=torch.from_numpy(labels[idx.numpy()])) if prompts is None else dict(
             labels=None, text=text[idx], text_lengths=lengths[idx])
-        tokens = sample_batch(model, diffusion, batch_seed=seed * 1_000_003 + b, ar_steps=ar_steps, split=split,
-                              order=order, cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
+        batch_seed = seed * 1_000_003 + b
+        tokens = sample_batch(model, diffusion, batch_seed=batch_seed, ar_steps=ar_steps, split=split, order=order,
+                              cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
+        if not torch.isfinite(tokens).all():  # a NaN would decode to a plausible-looking image and skew the FID
+            raise FloatingPointError(f"batch {b} (samples {idx[0]}..{idx[-1]}, batch seed {batch_seed} of --seed {seed}):"
+                                     f" non-finite latents; nothing was written (try --dtype fp32)")
         images.append(tokens_to_images(tokens, model, vae, scale_factor))
         index.append(idx)
     if not images:  # a rank with no batch
@@ -144,10 +163,10 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
 
 
 @torch.no_grad()
-def sample_latents(model, seed, labels=None, texts=None, tokenizer=None, steps=100, cfg_scale=1.0):
+def sample_latents(model, diffusion, seed, labels=None, texts=None, tokenizer=None, cfg_scale=1.0):
     """Samples in diffusion mode (1 AR step, raster order) of labels (N,), or of texts (N strings) for a text
-    model, noise from a generator on the model's device seeded by seed: scaled latent tokens (N, L, P), image
-    order (train.py's grids, the demos' evaluations)."""
+    model, with the sampler `diffusion` and noise from a generator on the model's device seeded by seed: scaled
+    latent tokens (N, L, P), image order (train.py's grids, the demos' evaluations)."""
     device = model.x_proj.weight.device
     g = torch.Generator(device).manual_seed(seed)
     n = len(labels) if texts is None else len(texts)
@@ -156,8 +175,24 @@ def sample_latents(model, seed, labels=None, texts=None, tokenizer=None, steps=1
     if texts is not None:
         text, lengths, _ = text_lib.tokenize(tokenizer, texts, model.num_prefix_tokens)
         text, lengths, labels = text.to(device), lengths.to(device), None
-    return generate(model, Diffusion(steps), None if labels is None else labels.to(device), [model.num_tokens], order,
-                    g, cfg_scale=cfg_scale, text=text, text_lengths=lengths)
+    return generate(model, diffusion, None if labels is None else labels.to(device), [model.num_tokens], order, g,
+                    cfg_scale=cfg_scale, text=text, text_lengths=lengths)
+
+
+def gather(images, labels, index, rank, world, tmp_dir):
+    """Rank 0 gets every rank's samples in sample-index order (through per-rank files: no GPU memory)."""
+    if world == 1:
+        return images, labels
+    np.savez(os.path.join(tmp_dir, f".rank{rank}.npz"), images=images, labels=labels, index=index)
+    dist.barrier()
+    if rank > 0:
+        return None, None
+    parts = [dict(np.load(os.path.join(tmp_dir, f".rank{r}.npz"))) for r in range(world)]
+    parts = [p for p in parts if len(p["index"])]
+    for r in range(world):
+        os.remove(os.path.join(tmp_dir, f".rank{r}.npz"))
+    order = np.argsort(np.concatenate([p["index"] for p in parts]))
+    return (np.concatenate([p["images"] for p in parts])[order], np.concatenate([p["labels"] for p in parts])[order])
 
 
 # ------------------------------------------------------------------------------------------ captioning

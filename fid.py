@@ -437,6 +437,10 @@ def main(argv=None):
             if pr and n <= 3:
                 raise InputError(f"{path}: precision/recall needs at least 4 images (k=3 neighbours)")
             todo.append(path)
+    for path in stats:  # how sample.py made it
+        if not os.path.isdir(path) and "provenance" in _npz_keys(path):
+            with np.load(path) as npz:
+                print(f"{path}: made by {npz['provenance']}")
     model = load_inception(c["weights"], c["device"]) if todo else None
     acts = {path: compute_activations(model, path, c["batch_size"], c["device"]) for path in todo}
     for path in todo:

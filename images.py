@@ -1,7 +1,9 @@
 """Image files in and out: the extensions read, ADM's centre crop (extraction, editing and captioning crop alike),
 and the PNG grids of samples and captions."""
 import textwrap
+import zipfile
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
@@ -16,6 +18,35 @@ def center_crop(img, size):
     img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     return img.crop((left, top, left + size, top + size))
+
+
+def read_image(path, option):
+    """An image file as RGB; one that cannot be read is a ValueError naming the option and the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")  # convert() decodes: a truncated file raises here
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {path}: no such file") from None
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for files it cannot decode
+        raise ValueError(f"{option} {path}: not a readable image ({e})") from None
+
+
+def read_npz_images(path, option):
+    """arr_0 of an .npz of images (sample.py --out, ADM's batches): uint8 (N, H, W, 3); a file that is not one is a
+    ValueError naming the option and the file."""
+    try:
+        with np.load(path) as f:
+            if "arr_0" not in f.files:
+                raise ValueError(f"{option} {path}: no arr_0 (keys: {f.files})")
+            images = f["arr_0"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{option} {path}: no such file") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{option} {path}: not a readable .npz ({e})") from None
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"{option} {path}: arr_0 must be uint8 (N, H, W, 3) images, got {images.dtype} "
+                         f"{images.shape}")
+    return images
 
 
 def save_grid(images, path, ncol, pad=2, captions=None):

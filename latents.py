@@ -329,6 +329,20 @@ def extract(data, out, vae="none", vae_ckpt=None, image_size=256, batch_size=32,
 
 
 # -------------------------------------------------------------------------------------- training reads
+def _json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read(path, load, what):
+    """load(path) of an extraction's file; a missing, truncated or corrupt one is a ValueError naming it."""
+    try:
+        return load(path)
+    except (OSError, ValueError, EOFError) as e:  # numpy: "mmap length is greater than file size", bad headers
+        raise ValueError(f"latent data {path}: cannot be read as {what} ({e}); re-run extract_latents.py into a "
+                         f"new --out") from None
+
+
 class LatentData:
     """An extraction opened for training: shards are memory-mapped, so ImageNet-size data stays on disk.
 
@@ -349,16 +363,16 @@ class LatentData:
             why = ("an unfinished extraction: re-run extract_latents.py with the same options to finish it"
                    if os.path.exists(os.path.join(path, "plan.json")) else "not an extraction of extract_latents.py")
             raise ValueError(f"latent data {path}: no meta.json ({why})")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
+        self.meta = _read(meta_path, _json, "a JSON file")
         if self.meta.get("format") != FORMAT:
             raise ValueError(f"latent data {meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         self.vae, self.scale_factor = self.meta["vae"], self.meta["scale_factor"]
         self.latent_shape = tuple(self.meta["latent_shape"])  # (C, h, w)
         self.class_names, self.num_classes = self.meta["class_names"], self.meta["num_classes"]
-        self.shards = [np.load(os.path.join(path, s["file"]), mmap_mode="r") for s in self.meta["shards"]]
+        self.shards = [_read(os.path.join(path, s["file"]), lambda p: np.load(p, mmap_mode="r"), "a whole .npy shard")
+                       for s in self.meta["shards"]]
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])  # shard k holds [offsets[k], offsets[k+1])
-        self.labels = torch.from_numpy(np.load(os.path.join(path, "labels.npy"))).long()  # (N,)
+        self.labels = torch.from_numpy(_read(os.path.join(path, "labels.npy"), np.load, "a .npy array")).long()  # (N,)
         if len(self.labels) != self.offsets[-1] or self.offsets[-1] != self.meta["count"]:
             raise ValueError(f"latent data {path}: {len(self.labels)} labels, {self.offsets[-1]} latents in the "
                              f"shards and a count of {self.meta['count']} in meta.json; they should be equal")
@@ -367,8 +381,7 @@ class LatentData:
             captions_path = os.path.join(path, "captions.json")
             if not os.path.exists(captions_path):
                 raise ValueError(f"latent data {path}: meta.json says captioned but {captions_path} is missing")
-            with open(captions_path, encoding="utf-8") as f:
-                self.captions = json.load(f)
+            self.captions = _read(captions_path, _json, "a JSON file")
             if len(self.captions) != self.meta["count"]:
                 raise ValueError(f"latent data {captions_path}: captions for {len(self.captions)} images, but a "
                                  f"count of {self.meta['count']} in meta.json; they should be equal")

@@ -11,6 +11,7 @@ and captioning, over the generation engine of engine.py.
 Randomness comes from one generator per global batch, seeded by (seed, batch index), and ranks take whole
 batches, so the samples do not depend on the number of processes.
 """
+import hashlib
 import json
 import os
 import sys
@@ -19,16 +20,15 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import tokenizer as text_lib
 from checkpoint import load_checkpoint
 from config import parse_config
-from diffusion import Diffusion
-from engine import caption_images, check_options, encode_images, sample_batch, sample_images, tokens_to_images
-from images import IMAGE_EXTENSIONS, center_crop, save_grid
+from engine import (caption_images, check_options, encode_images, gather, make_sampler, sample_batch,
+                    sample_images, tokens_to_images)
+from images import IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
 from runtime import autocast_dtype, distributed
 from vae import SCALE_FACTORS, build_vae
 
@@ -44,7 +44,10 @@ config = dict(
     ar_steps=1,  # AR steps S: 1 = diffusion mode, L = token by token
     split="equal",  # AR step sizes: equal, or random (a uniformly random composition of L)
     order="random",  # order of the tokens over the AR steps: random (per sample) or raster
-    steps=250,  # DDPM sampling steps (evenly respaced from 1000)
+    sampler="ddpm",  # ddpm (the paper's, ancestral), ddim, dpm++ (DPM-Solver++ 2M) or dpm++sde (its SDE form)
+    steps=0,  # sampler steps per AR step, respaced from 1000; 0 = the sampler's default (ddpm 250, the paper's)
+    eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1 (DDPM-like)
+    spacing="",  # the timesteps a fast sampler visits: uniform, trailing or logsnr ("" = the sampler's default)
     cfg_scale=1.0,  # classifier-free guidance scale s >= 1 (1 = no guidance)
     cfg_interval=(0.0, 1000.0),  # guide only for lo <= t < hi of the 1000-step schedule (as the authors)
     seed=0,  # global seed
@@ -93,26 +96,25 @@ def read_prompts(cfg):
     return prompts
 
 
-def gather(images, labels, index, rank, world, tmp_dir):
-    """Rank 0 gets every rank's samples in sample-index order (through per-rank files: no GPU memory)."""
-    if world == 1:
-        return images, labels
-    np.savez(os.path.join(tmp_dir, f".rank{rank}.npz"), images=images, labels=labels, index=index)
-    dist.barrier()
-    if rank > 0:
-        return None, None
-    parts = [dict(np.load(os.path.join(tmp_dir, f".rank{r}.npz"))) for r in range(world)]
-    parts = [p for p in parts if len(p["index"])]
-    for r in range(world):
-        os.remove(os.path.join(tmp_dir, f".rank{r}.npz"))
-    order = np.argsort(np.concatenate([p["index"] for p in parts]))
-    return (np.concatenate([p["images"] for p in parts])[order], np.concatenate([p["labels"] for p in parts])[order])
+def provenance(cfg, diffusion, dtype):
+    """How an .npz was made (fid.py prints it beside the scores): the checkpoint, the weights and every option
+    that changes the samples."""
+    sha = hashlib.sha256()
+    with open(cfg["ckpt"], "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            sha.update(block)
+    return dict(ckpt=os.path.basename(cfg["ckpt"]), ckpt_sha256=sha.hexdigest(), weights="ema" if cfg["ema"] else
+                "model", sampler=diffusion.sampler, steps=len(diffusion.timesteps), eta=diffusion.eta,
+                spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"], cfg_interval=list(cfg["cfg_interval"]),
+                ar_steps=cfg["ar_steps"], order=cfg["order"], split=cfg["split"], classes=cfg["classes"],
+                num_samples=cfg["num_samples"], seed=cfg["seed"], batch_size=cfg["batch_size"], dtype=dtype,
+                torch=torch.__version__)
 
 
-def run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, options, rank, world):
+def run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, diffusion, options, rank, world):
     """Class or text-to-image samples, shared over the ranks: --out (.npz) or one PNG each, and grid.png."""
     start = time.time()
-    images, labels, index = sample_images(model, vae, scale, cfg["num_samples"], classes, steps=cfg["steps"],
+    images, labels, index = sample_images(model, vae, scale, cfg["num_samples"], classes, diffusion=diffusion,
                                           seed=cfg["seed"], batch_size=cfg["batch_size"], dtype=dtype, rank=rank,
                                           world_size=world, prompts=prompts or None, tokenizer=tokenizer, **options)
     images, labels = gather(images, labels, index, rank, world, cfg["out_dir"])
@@ -120,8 +122,9 @@ def run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, opti
         return
     print(f"sampled {len(images)} images in {time.time() - start:.2f} s")
     if cfg["out"]:
-        np.savez(cfg["out"], arr_0=images, **{"prompts" if prompts else "labels": labels})
-        print(f"wrote {cfg['out']}: arr_0 {images.shape} {images.dtype}")
+        made = json.dumps(provenance(cfg, diffusion, dtype))
+        np.savez(cfg["out"], arr_0=images, provenance=np.array(made), **{"prompts" if prompts else "labels": labels})
+        print(f"wrote {cfg['out']}: arr_0 {images.shape} {images.dtype}; made by {made}")
     else:
         for i, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(cfg["out_dir"], f"{i:06d}.png"))
@@ -150,12 +153,12 @@ def keep_mask(keep, grid):
     return kept
 
 
-def edit_tokens(model, originals, keep, classes, seed, steps=250, dtype="fp32", **options):
+def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", **options):
     """Regenerate the tokens outside `keep` (grid, grid) of each original (R, L, P) once per class, conditioned on
     the kept tokens. Returns (R, len(classes), L, P); the kept tokens are the originals' exactly."""
     kept = keep.flatten().nonzero()[:, 0].to(originals.device)  # (K,) image positions
     check_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
-    diffusion, labels = Diffusion(steps), torch.tensor(classes)
+    labels = torch.tensor(classes)
     rows = []
     for r, tokens in enumerate(originals):
         context = tokens[kept].expand(len(classes), -1, -1)  # (B, K, P)
@@ -179,16 +182,16 @@ def edit_figure(originals, edits, keep, path):
 def load_image(path, index, size):
     """The image to edit: a PNG/JPG, or arr_0[index] of an .npz, centre-cropped to size -> (1, size, size, 3)."""
     if path.endswith(".npz"):
-        images = np.load(path)["arr_0"]
+        images = read_npz_images(path, "--edit")
         if not 0 <= index < len(images):
             raise ValueError(f"--edit-index {index}: {path} holds {len(images)} images")
         image = Image.fromarray(images[index])
     else:
-        image = Image.open(path).convert("RGB")
+        image = read_image(path, "--edit")
     return np.asarray(center_crop(image, size))[None]
 
 
-def run_edit(cfg, model, meta, vae, scale, classes, dtype, options):
+def run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options):
     """--edit / --edit-class: originals, their edits, and the figure; returns its path."""
     keep, rows = keep_mask(cfg["keep"], model.grid_size), cfg["num_samples"]
     if cfg["edit"]:
@@ -196,9 +199,9 @@ def run_edit(cfg, model, meta, vae, scale, classes, dtype, options):
         originals = encode_images(image, model, vae, scale).expand(rows, -1, -1)  # one image, R rows of edits
     else:  # what a plain run with --classes edit_class --batch-size R gives (batch 0)
         check_options(model, classes=[cfg["edit_class"]], **options)
-        originals = sample_batch(model, Diffusion(cfg["steps"]), torch.full((rows,), cfg["edit_class"]),
-                                 cfg["seed"] * 1_000_003, dtype=dtype, **options)
-    edits = edit_tokens(model, originals, keep, classes, cfg["seed"], cfg["steps"], dtype, **options)
+        originals = sample_batch(model, diffusion, torch.full((rows,), cfg["edit_class"]), cfg["seed"] * 1_000_003,
+                                 dtype=dtype, **options)
+    edits = edit_tokens(model, originals, keep, classes, cfg["seed"], diffusion, dtype, **options)
     path = os.path.join(cfg["out_dir"], f"edit_{os.path.basename(cfg['keep']).removesuffix('.png')}.png")
     edit_figure(tokens_to_images(originals, model, vae, scale), tokens_to_images(edits.flatten(0, 1), model, vae,
                 scale), keep, path)
@@ -210,7 +213,7 @@ def caption_sources(src, size):
     """--caption SRC -> (sources, uint8 images (N, size, size, 3)): an image (its file name), a folder (every image
     under it, sorted, by relative path) or an .npz (arr_0; the integer indices); centre-cropped to size."""
     if src.endswith(".npz"):
-        images = np.load(src)["arr_0"]
+        images = read_npz_images(src, "--caption")
         return list(range(len(images))), np.stack([np.asarray(center_crop(Image.fromarray(x), size)) for x in images])
     if os.path.isdir(src):
         names = sorted(os.path.relpath(os.path.join(d, f), src) for d, _, files in os.walk(src) for f in files
@@ -222,14 +225,7 @@ def caption_sources(src, size):
         names, paths = [os.path.basename(src)], [src]
     else:
         raise FileNotFoundError(f"--caption {src}: no such image, folder or .npz")
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as img:
-                images.append(np.asarray(center_crop(img.convert("RGB"), size)))
-        except OSError as e:
-            raise ValueError(f"--caption: cannot read {path}: {e}") from None
-    return names, np.stack(images)
+    return names, np.stack([np.asarray(center_crop(read_image(path, "--caption"), size)) for path in paths])
 
 
 def run_captions(cfg, model, meta, vae, scale, tokenizer, dtype):
@@ -279,6 +275,7 @@ def main(argv=None):
     suffix, what = (".jsonl", "a .jsonl file (captions)") if cfg["caption"] else (".npz", "an .npz file (for fid.py)")
     if cfg["out"] and not cfg["out"].endswith(suffix):  # np.savez would quietly append .npz
         raise ValueError(f"--out must name {what}, got {cfg['out']!r}")
+    diffusion = make_sampler(cfg["steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
     with distributed(cfg["device"]) as (rank, world, device):
         dtype = autocast_dtype(cfg["dtype"], device)
         model, meta, vae, scale, tokenizer = load_model(cfg, device)
@@ -299,14 +296,14 @@ def main(argv=None):
             if not classes:
                 raise ValueError("editing needs --classes: the new class(es) of the regenerated region")
             if rank == 0:
-                path = run_edit(cfg, model, meta, vae, scale, classes, dtype, options)
+                path = run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options)
                 print(f"wrote {path} ({time.time() - start:.1f} s)")
         else:
-            run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, options, rank, world)
+            run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, diffusion, options, rank, world)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, ImportError) as e:  # bad options or files, a missing optional package
-        sys.exit(f"sample.py: error: {e}")
+    except (ValueError, FileNotFoundError, ImportError, FloatingPointError) as e:  # bad options or files, a missing
+        sys.exit(f"sample.py: error: {e}")  # optional package, a non-finite batch

@@ -248,8 +248,9 @@ def pixel_images(data):
 
 
 @torch.no_grad()
-def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, autocast, log):
-    """train.py's closing figures of the captioned demo (cfg: its config; data: its LatentData): the attribute
+def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, diffusion, autocast, log):
+    """train.py's closing figures of the captioned demo (cfg: its config; data: its LatentData; diffusion: the
+    sampler of its grids): the attribute
     accuracy of text-to-image samples for seen and held-out prompts (measured from the pixels), and of the
     captions of new images of seen and held-out combinations, with chance beside them."""
     n, size, seed = cfg["eval_per_class"], data.latent_shape[1], cfg["seed"]
@@ -259,8 +260,8 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, autocast, log):
     for group, held_out in (("seen", False), ("held_out", True)):
         attrs = random_attrs(n, seed + 2, held_out)
         with autocast:
-            tokens = sample_latents(ema, seed + 1, texts=[caption(a) for a in attrs], tokenizer=tokenizer,
-                                    steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"])
+            tokens = sample_latents(ema, diffusion, seed + 1, texts=[caption(a) for a in attrs], tokenizer=tokenizer,
+                                    cfg_scale=cfg["cfg_scale"])
         images = tokens_to_images(tokens, ema, vae, data.scale_factor)
         summary[f"t2i_{group}"] = t2i_accuracy(images, attrs, train_images, train_attrs)
         log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + ", ".join(
@@ -278,14 +279,13 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, autocast, log):
     return summary
 
 
-def evaluate_class_demo(ema, cfg, data, autocast, log):
-    """train.py's closing figure of pixel-space class data (cfg: its config; data: its LatentData): the
-    nearest-neighbour class accuracy of EMA samples of every class; for the demo, of fresh real images too."""
+def evaluate_class_demo(ema, cfg, data, diffusion, autocast, log):
+    """train.py's closing figure of pixel-space class data (cfg: its config; data: its LatentData; diffusion: the
+    sampler of its grids): the nearest-neighbour class accuracy of EMA samples of every class; for the demo, of fresh real images too."""
     summary, (_, h, w) = {}, data.latent_shape
     labels = torch.arange(data.num_classes).repeat_interleave(cfg["eval_per_class"])
     with autocast:
-        tokens = sample_latents(ema, cfg["seed"] + 1, labels=labels, steps=cfg["sample_steps"],
-                                cfg_scale=cfg["cfg_scale"])
+        tokens = sample_latents(ema, diffusion, cfg["seed"] + 1, labels=labels, cfg_scale=cfg["cfg_scale"])
     samples = unpatchify(tokens.float().cpu(), ema.patch_size, h, w) / data.scale_factor  # (N, C, H, W)
     summary["nn_accuracy"] = nearest_neighbour_accuracy(samples, labels, data)
     log(f"step {cfg['max_steps']} | nearest-neighbour class accuracy of {len(labels)} EMA samples: "

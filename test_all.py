@@ -488,15 +488,16 @@ def test_fast_and_reference_attention_paths_agree():
 
 
 def test_bench_runs_both_benchmarks():
-    # bench.py end to end on a tiny shape: both training paths and every (scale, S) sampling run, S = L included
+    # bench.py end to end on a tiny shape: both training paths and every (sampler, scale, S) sampling run, S = L too
     import bench
     report = bench.main(["--input-size", "8", "--batch-size", "4", "--repeats", "1", "--warmup", "1",
-                         "--sample-repeats", "1", "--steps", "2", "--ar-steps", "1", "4", "0"])
+                         "--sample-repeats", "1", "--steps", "2", "--ar-steps", "1", "4", "0", "--samplers", "dpm++:3"])
     assert set(report["train"]) == {"reference", "fast"}
     for r in report["train"].values():
         assert r["steps_per_s"] > 0 and math.isclose(r["images_per_s"], 4 * r["steps_per_s"])
         assert math.isclose(r["tokens_per_s"], 16 * r["images_per_s"])  # 8x8 latents, 2x2 patches: 16 tokens
-    assert list(report["sample"]) == [f"cfg {c} S={s}" for c in ("1", "1.5") for s in (1, 4, 16)]
+    assert list(report["sample"]) == [f"{name} cfg {c} S={s}" for name in ("ddpm-2", "dpm++-3") for c in ("1", "1.5")
+                                      for s in (1, 4, 16)]
     for run, r in report["sample"].items():
         assert math.isclose(r["images_per_s"] * r["seconds"], 4) and (r["vs_S1"] == 1) == run.endswith("S=1")
     # the text-segment benchmark: train.py's step with and without a text

@@ -3,6 +3,8 @@ samples, zero-shot editing, both checkpoint layouts, the FID npz and torchrun; f
 against a sampler without the cache, an overfit text model's images and captions, and the command line.
 Run by test_all.py."""
 import argparse
+import copy
+import hashlib
 import json
 import os
 import subprocess
@@ -86,7 +88,7 @@ def nearest_template(images):
     return ((x[:, None] - templates()[None]) ** 2).flatten(2).mean(2).argmin(1).numpy()
 
 
-def reference_tokens(model, labels, batch_seed, steps, ar_steps=1, split="equal", order="random", cfg_scale=1.0,
+def reference_tokens(model, labels, batch_seed, diffusion, ar_steps=1, split="equal", order="random", cfg_scale=1.0,
                      cfg_interval=(0, 1000), text=None, text_lengths=None):
     """sample_batch without the KV cache: every eps is a full model.forward over [cond | clean tokens of the
     finished AR steps | noisy tokens of this step] under the generalized causal mask; same random draws.
@@ -99,7 +101,7 @@ def reference_tokens(model, labels, batch_seed, steps, ar_steps=1, split="equal"
     y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 and text is None else labels
     rep = lambda a, b: a.repeat(b // n, *[1] * (a.dim() - 1))  # (N, ...) -> (b, ...), cond half first
     after = torch.arange(2 * n) >= n  # the unconditional half puts its image first
-    diffusion, clean, start = Diffusion(steps), torch.zeros(n, 0, P), 0
+    clean, start = torch.zeros(n, 0, P), 0
     out = torch.zeros(n, L, P)
     with torch.no_grad():
         for size in sizes:
@@ -141,7 +143,7 @@ def run_cli(*args, torchrun=False):
 # ------------------------------------------------------------------------------------------------ tests
 def test_same_seed_same_samples():
     model, _ = random_model()
-    vae, kw = build_vae("none"), dict(ar_steps=3, split="random", steps=10, batch_size=3)
+    vae, kw = build_vae("none"), dict(ar_steps=3, split="random", diffusion=Diffusion(10), batch_size=3)
     a = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
     b = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
     c = engine.sample_images(model, vae, 1.0, 7, seed=6, **kw)
@@ -165,7 +167,7 @@ def test_ar_mode_one_step_is_diffusion_mode():
     direct = engine.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
     assert sizes == [16] and torch.equal(got, direct)
     # and DiT-style diffusion sampling without a cache: all L noisy tokens in every forward
-    assert_close(got, reference_tokens(model, labels, 11, 20, cfg_scale=2.0, cfg_interval=(0, 600)))
+    assert_close(got, reference_tokens(model, labels, 11, Diffusion(20), cfg_scale=2.0, cfg_interval=(0, 600)))
 
 
 def test_ar_mode_matches_full_recompute():
@@ -175,14 +177,27 @@ def test_ar_mode_matches_full_recompute():
     labels = torch.tensor([2, 0])
     for kw in (dict(ar_steps=16), dict(ar_steps=3, split="random", order="raster", cfg_scale=3.0)):
         got = engine.sample_batch(model, Diffusion(8), labels, 4, **kw)
-        assert_close(got, reference_tokens(model, labels, 4, 8, **kw))
+        assert_close(got, reference_tokens(model, labels, 4, Diffusion(8), **kw))
+
+
+def test_fast_samplers_ar_mode_match_full_recompute():
+    # each fast sampler runs its whole solver per AR step through the KV cache: equal to the no-cache loop, with CFG
+    # and an interval (in timesteps of the 1000-step schedule) that leaves some of the visited steps unguided
+    model, _ = random_model()
+    labels = torch.tensor([1, 3])
+    for sampler, eta in (("ddim", 0.0), ("ddim", 0.7), ("dpm++", None), ("dpm++sde", None)):
+        diffusion = Diffusion(6, sampler=sampler, eta=eta)
+        kw = dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700))
+        got = engine.sample_batch(model, diffusion, labels, 9, **kw)
+        assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
 
 
 def test_overfit_model_ar_modes_are_class_consistent():
     model, _ = overfit_model()
     vae = build_vae("none")
     for S in (1, 2, 4, 8):
-        images, labels, _ = engine.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, steps=30, seed=S)
+        images, labels, _ = engine.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, diffusion=Diffusion(30),
+                                                 seed=S)
         assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
         assert labels.tolist() == [0, 1, 2, 3] * 2
         assert (nearest_template(images) == labels).mean() >= 0.75, (S, nearest_template(images), labels)
@@ -195,7 +210,7 @@ def test_edit_keeps_tokens_bit_identical():
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((2, 2), np.uint8))).save(mask_png)  # diagonal
     for keep, kw in (("outer", {}), ("top", dict(ar_steps=4)), (mask_png, dict(ar_steps=12, cfg_scale=2.0))):
         kept = sample.keep_mask(keep, model.grid_size)
-        edits = sample.edit_tokens(model, originals, kept, [1, 3], seed=0, steps=20, **kw)  # (2, 2, L, P)
+        edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Diffusion(20), **kw)  # (2, 2, L, P)
         assert edits.shape == (2, 2, 16, 12)
         k = kept.flatten()
         assert torch.equal(edits[:, :, k], originals[:, None, k].expand(-1, 2, -1, -1)), keep
@@ -246,6 +261,46 @@ def test_authors_checkpoint_samples():
     assert config == xl.config and meta["image_size"] == 256 and meta["latent_shape"] == [16, 16, 16]
 
 
+def test_init_from_both_checkpoint_formats():
+    # train.py --init-from: another class count keeps the shared rows and the null row, the new classes are fresh;
+    # another grid resizes a learned position embedding bicubically and recomputes a fixed sin-cos one
+    import torch.nn.functional as F
+    from model import sincos_pos_embed
+    small, path = random_model()  # train.py's layout: 4 classes, 8x8 pixels (4x4 tokens), fixed sin-cos
+    torch.manual_seed(1)
+    fresh = CausalFusion(size="T", input_size=12, patch_size=2, in_channels=3, num_classes=6, num_cond_tokens=4)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    notes = checkpoint.init_from(fresh, path)
+    got, theirs = fresh.state_dict(), small.state_dict()
+    table, old_table = got["y_embedder.embedding_table.weight"], theirs["y_embedder.embedding_table.weight"]
+    assert torch.equal(table[:4], old_table[:4]) and torch.equal(table[6], old_table[4])  # shared, null
+    assert torch.equal(table[4:6], before["y_embedder.embedding_table.weight"][4:6])  # new classes: fresh
+    assert torch.equal(got["pos_embed"], sincos_pos_embed(128, 6)) and torch.equal(got["blocks.1.mlp.fc2.weight"],
+                                                                                  theirs["blocks.1.mlp.fc2.weight"])
+    assert len(notes) == 2 and any("4 -> 6" in note for note in notes), notes
+    # the authors' layout (learned position embedding on a 4x4 grid) into an 8x8 grid
+    sd = _authors_state_dict(depth=2, hidden=64, heads=4, patch=1, channels=16, grid=4, num_cond=4, num_classes=10,
+                             g=torch.Generator().manual_seed(3))
+    authors = os.path.join(TMP.name, "authors_init.pt")
+    torch.save({"model": sd, "ema": sd, "args": argparse.Namespace(model="CausalFusion-XL")}, authors)
+    big = CausalFusion(depth=2, hidden_size=64, num_heads=4, input_size=8, patch_size=1, in_channels=16,
+                       num_classes=10, num_cond_tokens=4, learn_pos=True)
+    checkpoint.init_from(big, authors)
+    grid = sd["pos_embed"][0].T.reshape(1, 64, 4, 4)  # (1, D, 4, 4), rows of the 4x4 grid
+    expected = F.interpolate(grid, size=(8, 8), mode="bicubic", align_corners=False).reshape(64, 64).T[None]
+    assert torch.allclose(big.pos_embed, expected) and torch.equal(big.x_proj.weight, sd["x_proj.weight"])
+    # what does not fit is listed, all of it
+    for other, words in ((CausalFusion(depth=3, hidden_size=64, num_heads=4, input_size=4, patch_size=1,
+                                       in_channels=16, num_classes=10, num_cond_tokens=4), ["missing blocks.2."]),
+                         (CausalFusion(depth=2, hidden_size=64, num_heads=4, input_size=4, patch_size=1, in_channels=4,
+                                       num_classes=10, num_cond_tokens=8), ["x_proj.weight", "cond_pos_embed"])):
+        try:
+            checkpoint.init_from(other, authors)
+            raise AssertionError("a model that does not fit must be refused")
+        except ValueError as e:
+            assert authors in str(e) and all(w in str(e) for w in words), str(e)
+
+
 def test_random_and_balanced_classes():
     assert sample.parse_classes([], 4) is None and sample.parse_classes(["random"], 4) is None
     assert sample.parse_classes(["balanced"], 4) == [0, 1, 2, 3]
@@ -263,12 +318,25 @@ def test_clear_errors():
                         (["--ar-steps", "17"], "1..16"), (["--classes", "4"], "--classes [4]"),
                         (["--classes", "purple"], "class names"), (["--edit-class", "0"], "--classes"),
                         (["--edit-class", "0", "--classes", "1", "--keep", "middle"], "--keep 'middle'"),
-                        (["--out", "samples.png"], "--out must name an .npz")):
+                        (["--out", "samples.png"], "--out must name an .npz"), (["--sampler", "euler"], "--sampler"),
+                        (["--eta", "0.5"], "--eta"), (["--sampler", "ddim", "--eta", "2"], "--eta"),
+                        (["--sampler", "dpm++", "--steps", "1"], "--steps"), (["--steps", "-1"], "--steps"),
+                        (["--sampler", "ddim", "--spacing", "leading"], "--spacing")):
         try:
             sample.main(base + args)
             raise AssertionError(f"no error for {args}")
         except ValueError as e:
             assert words in str(e), (args, str(e))
+    # a truncated checkpoint and a file that is not one: one line naming the file
+    truncated, text = os.path.join(TMP.name, "truncated.pt"), os.path.join(TMP.name, "notes.pt")
+    open(truncated, "wb").write(open(path, "rb").read()[:5000])
+    open(text, "w").write("not a checkpoint")
+    for bad in (truncated, text):
+        try:
+            sample.main(["--ckpt", bad, "--num-samples", "1"])
+            raise AssertionError(f"no error for {bad}")
+        except ValueError as e:
+            assert f"{bad}: not a readable checkpoint" in str(e) and "\n" not in str(e), str(e)
     # a checkpoint whose tensors do not fit its config: the file, the key and both shapes
     bad = os.path.join(TMP.name, "bad.pt")
     ckpt = torch.load(path, weights_only=True)
@@ -293,6 +361,34 @@ def test_npz_and_torchrun_match():
     assert a["arr_0"].shape == (5, 8, 8, 3) and a["arr_0"].dtype == np.uint8 and a["labels"].shape == (5,)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
     assert sorted(os.listdir(os.path.join(TMP.name, "two"))) == ["grid.png"]  # no rank files left behind
+    # the npz says how it was made, and fid.py prints that beside the scores
+    made = json.loads(str(a["provenance"]))
+    assert made["ckpt_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and made["ckpt"] == "random.pt"
+    assert (made["sampler"], made["steps"], made["cfg_scale"], made["ar_steps"], made["seed"], made["dtype"]) == \
+        ("ddpm", 4, 1.5, 4, 3, "fp32") and made["torch"] == torch.__version__
+    import contextlib
+    import io
+    import fid
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        try:
+            fid.main([one, two, "--metrics", "fid", "--weights", os.path.join(TMP.name, "no_weights.pth")])
+        except (fid.InputError, FileNotFoundError, OSError, ValueError):
+            pass  # no Inception weights here: the provenance lines come first
+    assert printed.getvalue().count(f"made by {a['provenance']}") == 2, printed.getvalue()
+
+
+def test_non_finite_batch_stops_with_its_seed():
+    model, _ = random_model()
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.final_layer[1].bias[0] = float("nan")
+    try:
+        engine.sample_images(broken, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)
+        raise AssertionError("a NaN batch must stop the run")
+    except FloatingPointError as e:
+        assert "batch 0 (samples 0..1, batch seed 7000021 of --seed 7)" in str(e), str(e)
+    engine.sample_images(model, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)  # finite
 
 
 # ------------------------------------------------------------------------------------------ text models
@@ -354,14 +450,14 @@ def test_text_to_image_matches_full_recompute():
     text, lengths, _ = text_lib.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
     for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
         got = engine.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
-        assert_close(got, reference_tokens(model, None, 3, 6, text=text, text_lengths=lengths, **kw))
+        assert_close(got, reference_tokens(model, None, 3, Diffusion(6), text=text, text_lengths=lengths, **kw))
 
 
 def test_overfit_text_model_generates_and_captions():
     model, path, tok = overfit_text_model()
     vae = build_vae("none")
-    images, prompts, _ = engine.sample_images(model, vae, 1.0, 8, steps=30, seed=1, prompts=WORDS, tokenizer=tok,
-                                              ar_steps=4, cfg_scale=2.0)
+    images, prompts, _ = engine.sample_images(model, vae, 1.0, 8, diffusion=Diffusion(30), seed=1, prompts=WORDS,
+                                              tokenizer=tok, ar_steps=4, cfg_scale=2.0)
     assert list(prompts) == WORDS * 2
     assert (nearest_template(images) == np.arange(8) % 4).mean() >= 0.75, nearest_template(images)
     tokens = patchify(templates(), 2)  # the clean images, (4, 16, 12)

@@ -422,6 +422,23 @@ def test_extract_resume_guard_and_bad_input():
                 assert expected in str(e) and path in str(e), str(e)
 
 
+def test_truncated_or_corrupt_extraction_files_are_named():
+    with tempfile.TemporaryDirectory() as tmp:
+        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+        _make_tree(root)
+        extract(root, out, vae="none", image_size=16, batch_size=2, shard_size=4, num_workers=0)
+        shard = os.path.join(out, "shard_00001.npy")
+        open(shard, "r+b").truncate(os.path.getsize(shard) // 2)  # a copy cut short
+        for broken, what in ((shard, "a whole .npy shard"), (os.path.join(out, "meta.json"), "a JSON file")):
+            if broken.endswith(".json"):
+                open(broken, "w").write('{"format": ')
+            try:
+                LatentData(out)
+                raise AssertionError(f"{broken} must be refused")
+            except ValueError as e:
+                assert f"latent data {broken}: cannot be read as {what}" in str(e), str(e)
+
+
 def _extract_cli(root, out):
     """python extract_latents.py on root -> out (pixel space, 16 px) in a subprocess."""
     return subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data", root, "--vae",

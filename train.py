@@ -14,6 +14,7 @@ accumulated micro-batches.
 """
 import contextlib
 import copy
+import importlib
 import json
 import math
 import os
@@ -24,12 +25,14 @@ import time
 import torch
 import torch.distributed as dist
 
+import curves
+import fid
 import shapes
 import tokenizer as text_lib
 from checkpoint import check_resumable, read_checkpoint, save_checkpoint
 from config import parse_config
 from diffusion import Diffusion
-from engine import sample_latents, tokens_to_images
+from engine import gather, make_sampler, sample_images, sample_latents, tokens_to_images
 from images import save_grid
 from latents import LatentData
 from model import CausalFusion
@@ -86,10 +89,27 @@ config = dict(
     sample_every=0,  # steps between sample grids (and at the end; 0 = only at the end)
     grid_classes=10,  # rows of the grid: classes evenly spaced over all classes (text: captions); 0 = no grid
     grid_per_class=10,  # columns of the grid
-    sample_steps=100,  # DDPM steps of the grid and evaluation samples (paper: 250)
+    sample_steps=100,  # sampler steps of the grid and evaluation samples (0 = the sampler's default; paper: 250)
+    sampler="ddpm",  # their sampler: ddpm (the paper's), ddim, dpm++ or dpm++sde (sample.py --sampler)
+    eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1
+    spacing="",  # the timesteps the fast samplers visit: uniform, trailing or logsnr ("" = the sampler's default)
     cfg_scale=5.0,  # classifier-free guidance scale of those samples (1 = none)
     eval_per_class=10,  # at the end, pixel-space data only: samples per class for the nearest-neighbour class
     # accuracy; the captioned demo: prompts and images per group for its attribute accuracies (0 = skip)
+    # FID during training (fid.py's functions), written to train.log and OUT/metrics.jsonl
+    eval_every=0,  # steps between FIDs of EMA samples against --eval-ref (and at the end); 0 = none
+    eval_ref="",  # the reference: an ADM .npz (arr_0 images and/or mu/sigma) or a `fid.py --save-stats` file
+    eval_samples=10000,  # samples per FID (paper's ablations: FID-10K); classes balanced (index mod classes), text:
+    # the first captions of evenly spaced training images, cycled; fixed seed (--seed), CFG --cfg-scale
+    eval_batch_size=64,  # images per sampling batch (with the seed it fixes the samples) and per Inception batch
+    eval_sampler="dpm++sde",  # the sampler of those samples (--eta and --spacing as the grid's)
+    eval_steps=0,  # its steps per AR step (0 = its default, engine.DEFAULT_STEPS: 20 for dpm++sde)
+    fid_weights="",  # the FID Inception weights (fid.py --weights); "" = the torch hub checkpoints directory
+    # loggers beside OUT/metrics.jsonl (optional packages); a resumed run continues the same curves
+    tensorboard=False,  # also log every metric to OUT/tensorboard (pip install tensorboard)
+    wandb=False,  # also log them to Weights & Biases (pip install wandb; WANDB_MODE=offline needs no network)
+    wandb_project="nanoCausalFusion",  # its project
+    wandb_run="",  # its run name ("" = the name of --out); --resume continues the same run (id in ckpt.pt)
     # the demo data set (--data "")
     demo="classes",  # classes: 10 shapes, one per class; captions: shapes described by text (shapes.py)
     demo_image_size=12,  # pixels per side
@@ -160,7 +180,7 @@ def build_model(cfg, data, tokenizer, device):
     return model, ema, params, optimizer
 
 
-def save_sample_grid(ema, cfg, data, tokenizer, vae, autocast, path):
+def save_sample_grid(ema, cfg, data, tokenizer, vae, diffusion, autocast, path):
     """EMA samples in a grid: one row per class evenly spaced over the classes, or for a text model one row per
     caption (the first captions of evenly spaced training images), labelled with it."""
     rows, cols = cfg["grid_classes"], cfg["grid_per_class"]
@@ -171,7 +191,7 @@ def save_sample_grid(ema, cfg, data, tokenizer, vae, autocast, path):
         prompts = [data.captions[int(i)][0] for i in torch.linspace(0, len(data) - 1, rows).round().long()]
         kwargs = dict(texts=[p for p in prompts for _ in range(cols)], tokenizer=tokenizer)
     with autocast:
-        tokens = sample_latents(ema, cfg["seed"], steps=cfg["sample_steps"], cfg_scale=cfg["cfg_scale"], **kwargs)
+        tokens = sample_latents(ema, diffusion, cfg["seed"], cfg_scale=cfg["cfg_scale"], **kwargs)
     images = tokens_to_images(tokens, ema, vae, data.scale_factor)  # (N, H, W, 3) uint8
     zoom = max(1, 64 // images.shape[1])  # show small images at 64 px or more
     captions = None if prompts is None else [p if j == 0 else "" for p in prompts for j in range(cols)]
@@ -211,18 +231,169 @@ def read_stats(pending, micro, world, first_step, ckpt_path):
     return losses, text_losses, norm
 
 
-def log_line(step, losses, text_losses, lr, norm, seconds, cfg, tokenizer, captions, device, num_tokens):
-    """The train.log line of the last len(losses) steps (timed over `seconds`)."""
-    n_steps, text = len(losses), ""
-    rate = n_steps / seconds
+def log_record(step, losses, text_losses, lr, norm, seconds, cfg, tokenizer, device, num_tokens):
+    """The metrics.jsonl record of the last len(losses) steps (timed over `seconds`)."""
+    rate = len(losses) / seconds
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # peak RSS on cpu
+    record = {"step": step, "image_loss" if tokenizer else "loss": sum(losses) / len(losses)}
     if tokenizer is not None:
         text_sum, text_count = map(sum, zip(*text_losses))
-        text = f" | text loss {text_sum / max(text_count, 1):.4f} | captions cut {captions[0]}/{captions[1]}"
-    return (f"step {step} | {'image loss' if tokenizer else 'loss'} {sum(losses) / n_steps:.6f}{text} | "
-            f"lr {lr:.1e} | grad norm {norm:.3f} | {rate:.2f} steps/s | {rate * cfg['batch_size']:.0f} img/s | "
-            f"{rate * cfg['batch_size'] * num_tokens:.0f} tok/s | mem {mem:.2f} GB")  # tok: latent tokens
+        record["text_loss"] = text_sum / max(text_count, 1)
+    return dict(record, lr=lr, grad_norm=norm, steps_per_s=rate, img_per_s=rate * cfg["batch_size"],
+                tok_per_s=rate * cfg["batch_size"] * num_tokens, mem_gb=mem)  # tok: latent tokens
+
+
+def log_line(r, captions):
+    """The train.log line of a log_record."""
+    loss = (f"image loss {r['image_loss']:.6f} | text loss {r['text_loss']:.4f} | captions cut {captions[0]}/"
+            f"{captions[1]}" if "text_loss" in r else f"loss {r['loss']:.6f}")
+    return (f"step {r['step']} | {loss} | lr {r['lr']:.1e} | grad norm {r['grad_norm']:.3f} | "
+            f"{r['steps_per_s']:.2f} steps/s | {r['img_per_s']:.0f} img/s | {r['tok_per_s']:.0f} tok/s | "
+            f"mem {r['mem_gb']:.2f} GB")
+
+
+def optional_import(module, package, option):
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"--{option} needs the {package} package: pip install {package} ({e})") from None
+
+
+class Metrics:
+    """Rank 0 appends each record (a log line's numbers, or an evaluation's) to OUT/metrics.jsonl and, with
+    --tensorboard / --wandb, logs its numbers there too, at global step = training step; the other ranks do
+    nothing. A run that starts at `step` (0, or its checkpoint's) first drops the records after that step, so a
+    run killed after logging past its last checkpoint leaves no step twice; TensorBoard hides them (purge_step)
+    and W&B continues the run of wandb_id (the checkpoint's)."""
+
+    def __init__(self, cfg, rank, step, wandb_id=None):
+        self.path, self.rank, self.records = os.path.join(cfg["out"], "metrics.jsonl"), rank, []
+        self.name = os.path.basename(os.path.normpath(cfg["out"]))
+        self.tensorboard = self.wandb = None
+        if rank > 0:
+            return
+        if os.path.exists(self.path):
+            self.records = [r for r in curves.read_metrics(self.path) if r["step"] <= step]
+        with open(self.path + ".tmp", "w") as f:  # the records kept, written whole, then renamed
+            f.writelines(json.dumps(r) + "\n" for r in self.records)
+        os.replace(self.path + ".tmp", self.path)
+        if cfg["tensorboard"]:
+            optional_import("tensorboard", "tensorboard", "tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(cfg["out"], "tensorboard"), purge_step=step + 1)
+        if cfg["wandb"]:
+            wandb = optional_import("wandb", "wandb", "wandb")
+            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run"] or self.name, config=cfg,
+                                    id=wandb_id, resume="allow" if wandb_id else None, allow_val_change=True,
+                                    dir=os.environ.get("WANDB_DIR", cfg["out"]))
+
+    @staticmethod
+    def scalars(record):
+        """The numbers of a record as TensorBoard / W&B tags: train/KEY, or eval/KEY for an evaluation's."""
+        group = "eval" if "fid" in record else "train"
+        return {f"{group}/{k}": v for k, v in record.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+    def __call__(self, record):
+        if self.rank > 0:
+            return
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for tag, value in self.scalars(record).items():
+                self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log(self.scalars(record), step=record["step"])
+
+    def draw(self, path):
+        """The run's curves (curves.py) into path."""
+        if self.rank == 0:
+            curves.draw_curves({self.name: self.records}, path)
+
+    def close(self):
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+# ------------------------------------------------------------------------------------------ FID during training
+@contextlib.contextmanager
+def kept_matmul_precision():
+    """fid.py turns TF32 off for its features (TF32 moves FID visibly); training gets its own setting back."""
+    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+
+
+def prepare_fid(cfg, rank, device):
+    """--eval-every's fixed parts, checked before step 1 (a bad --eval-ref fails here, naming the file): the
+    sampler, and on rank 0 the FID Inception and the reference's mu/sigma (computed once; a file's own are used
+    as they are, as ADM does); (sampler, None, None) on the other ranks."""
+    path = cfg["eval_ref"]
+    if not path or cfg["eval_samples"] < 2:
+        raise ValueError(f"--eval-every needs --eval-ref (an ADM .npz, or a fid.py --save-stats file) and "
+                         f"--eval-samples >= 2; got {path!r} and {cfg['eval_samples']}")
+    sampler = make_sampler(cfg["eval_steps"], cfg["eval_sampler"], cfg["eta"], cfg["spacing"])
+    ref = fid.read_stats(path)  # raises fid.InputError (a ValueError) naming the file
+    if "mu" not in ref:
+        fid.read_images(path, 1)  # no statistics: then it must hold arr_0 images
+    if rank > 0:
+        return sampler, None, None
+    inception = fid.load_inception(cfg["fid_weights"] or None, device)
+    if "mu" not in ref:
+        with kept_matmul_precision():
+            ref = fid.stats_from_activations(fid.compute_activations(inception, path, cfg["eval_batch_size"], device))
+    if ref["mu"].shape != (2048,):
+        raise ValueError(f"--eval-ref {path}: mu has shape {ref['mu'].shape}, FID's pool3 features have 2048")
+    return sampler, inception, ref
+
+
+def fid_name(n):
+    return f"FID-{n // 1000}K" if n % 1000 == 0 else f"FID-{n}"
+
+
+def fid_record(step, value, seconds, sampler, cfg):
+    """The metrics.jsonl record of an evaluation."""
+    return dict(step=step, fid=value, eval_samples=cfg["eval_samples"], sampler=sampler.sampler,
+                sampler_steps=len(sampler.timesteps), cfg_scale=cfg["cfg_scale"], seconds=seconds)
+
+
+def fid_line(r, first):
+    """The train.log line of an evaluation; the first one adds its cost, to size --eval-every by."""
+    n, seconds = r["eval_samples"], r["seconds"]
+    cost = f" (the first evaluation: {1000 * seconds / n:.1f} s per 1,000 samples)" if first else ""
+    return (f"step {r['step']} | {fid_name(n)} {r['fid']:.4f} | {n} EMA samples, {r['sampler']} {r['sampler_steps']} "
+            f"steps, CFG {r['cfg_scale']:g} | {seconds:.1f} s{cost}")
+
+
+def evaluate_fid(ema, vae, data, tokenizer, sampler, inception, ref, cfg, dtype, rank, world, device):
+    """FID of --eval-samples EMA samples against the reference's mu/sigma: balanced classes (class = index mod
+    classes), or for a text model the first captions of evenly spaced training images, cycled; seeded by --seed
+    alone, so every evaluation sees the same noise. Every rank samples its share (engine.sample_images: global
+    batches r, r + world, ...; the samples do not depend on the number of ranks), rank 0 gathers them and
+    measures them with fid.py's functions. Returns the FID on rank 0, None on the others."""
+    n = cfg["eval_samples"]
+    if tokenizer is None:
+        cond = dict(classes=list(range(data.num_classes)))
+    else:
+        images = torch.linspace(0, len(data) - 1, min(n, len(data))).round().long()
+        cond = dict(prompts=[data.captions[int(i)][0] for i in images], tokenizer=tokenizer)
+    samples, labels, index = sample_images(ema, vae, data.scale_factor, n, diffusion=sampler, cfg_scale=cfg["cfg_scale"],
+                                           seed=cfg["seed"], batch_size=cfg["eval_batch_size"], dtype=dtype,
+                                           rank=rank, world_size=world, **cond)
+    samples, _ = gather(samples, labels, index, rank, world, cfg["out"])
+    if rank > 0:
+        return None
+    with kept_matmul_precision():
+        stats = fid.compute_stats(samples, inception, cfg["eval_batch_size"], device)
+    return fid.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])  # ADM: samples first
 
 
 def train(cfg, rank, world, device):
@@ -233,6 +404,8 @@ def train(cfg, rank, world, device):
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     os.makedirs(out, exist_ok=True)
     log = RunLog(os.path.join(out, "train.log"), rank)
+    # FID during training: its sampler, Inception and reference statistics, checked and made before step 1
+    fid_eval = prepare_fid(cfg, rank, device) if cfg["eval_every"] else None
 
     # data, model, optimizer; a resumed run takes all but the data from the checkpoint
     data_dir, data, tokenizer = open_data(cfg, rank)
@@ -240,7 +413,7 @@ def train(cfg, rank, world, device):
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
     model, ema, params, optimizer = build_model(cfg, data, tokenizer, device)
-    step = 0
+    step, wandb_id = 0, None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
@@ -250,16 +423,20 @@ def train(cfg, rank, world, device):
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])  # training draws are keyed by (seed, step); this is the rest
-        step = ckpt["step"]
+        step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v}
         log(f"resuming {ckpt_path} at step {step}; options changed since (was, now): {changed}")
-    vae = build_vae(data.vae, data_info["vae_ckpt"], device=device) if rank == 0 else None  # fail early
+    # the metrics of the run so far (none past the checkpoint) and its loggers; the VAE: rank 0 draws the grids,
+    # every rank samples for FID
+    metrics = Metrics(cfg, rank, step, wandb_id)
+    vae = build_vae(data.vae, data_info["vae_ckpt"], device=device) if rank == 0 or fid_eval else None  # fail early
     train_model = torch.compile(model) if cfg["compile"] else model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast(dtype, device)
-    diffusion = Diffusion()
+    diffusion = Diffusion()  # training's: the 1000-step schedule
+    grid_sampler = make_sampler(cfg["sample_steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
     L, micro_size = model.num_tokens, cfg["batch_size"] // micro
     log(f"config: {json.dumps(cfg)}")
     what = (f"{len(data)} images with {sum(map(len, data.captions))} captions ({tokenizer.kind} tokenizer, "
@@ -270,6 +447,7 @@ def train(cfg, rank, world, device):
         f"{world} rank(s) x {cfg['grad_accum']} micro-batch(es) of {micro_size} on {device} ({dtype})")
 
     losses, text_losses, pending, timer, t_start, captions = [], [], [], 0.0, time.time(), [0, 0]  # [cut, seen]
+    fids = []  # this process's FIDs (rank 0)
     pin = device.type == "cuda"  # page-locked host memory: the copies to the GPU run asynchronously
     zero = torch.zeros((), device=device)
     while step < cfg["max_steps"]:
@@ -302,7 +480,7 @@ def train(cfg, rank, world, device):
         optimizer.zero_grad(set_to_none=True)
         ema_update(ema, model, min(cfg["ema_decay"], (1 + step) / (10 + step)))
         step += 1
-        # log, checkpoint, sample grid
+        # log: train.log, metrics.jsonl and the loggers
         log_now = step % cfg["log_every"] == 0 or step == cfg["max_steps"]
         save_now = step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]
         if log_now or save_now:
@@ -313,29 +491,45 @@ def train(cfg, rank, world, device):
         timer += time.time() - t0
         if log_now:
             n_steps = min(cfg["log_every"], len(losses))
-            log(log_line(step, losses[-n_steps:], text_losses[-n_steps:], lr, norm, timer, cfg, tokenizer, captions,
-                         device, L))
+            record = log_record(step, losses[-n_steps:], text_losses[-n_steps:], lr, norm, timer, cfg, tokenizer,
+                                device, L)
+            log(log_line(record, captions))
+            metrics(record)
             timer = 0.0
+        # FID of EMA samples every --eval-every steps and at the end, before the checkpoint that keeps its record
+        if fid_eval and (step % cfg["eval_every"] == 0 or step == cfg["max_steps"]):
+            t_eval = time.time()
+            value = evaluate_fid(ema, vae, data, tokenizer, *fid_eval, cfg, dtype, rank, world, device)
+            if rank == 0:
+                record = fid_record(step, value, time.time() - t_eval, fid_eval[0], cfg)
+                log(fid_line(record, first=not fids))
+                metrics(record)
+                fids.append(value)
+        # checkpoint, then the curves so far (OUT/curves.png); sample grid
         if save_now and rank == 0:
             state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": cfg, "model_config": model.config, "data": data_info,
                      "rng": {"torch": torch.get_rng_state()}}
             if tokenizer is not None:
                 state["tokenizer"] = tokenizer.state()
+            if metrics.wandb is not None:
+                state["wandb_id"] = metrics.wandb.id  # --resume continues this W&B run
             save_checkpoint(state, out, cfg["keep_every"] and step % cfg["keep_every"] == 0)
+            metrics.draw(os.path.join(out, "curves.png"))
         if rank == 0 and cfg["grid_classes"] and cfg["grid_per_class"] and (
                 (cfg["sample_every"] and step % cfg["sample_every"] == 0) or step == cfg["max_steps"]):
             path = os.path.join(out, f"samples_{step:07d}.png")
-            save_sample_grid(ema, cfg, data, tokenizer, vae, amp, path)
+            save_sample_grid(ema, cfg, data, tokenizer, vae, grid_sampler, amp, path)
             log(f"step {step} | EMA samples: {path}")
 
+    metrics.close()  # TensorBoard's last events, the end of the W&B run
     # the demos' closing figures (pixel-space data only: no pretrained network needed)
-    summary = {"step": step, "losses": losses, "seconds": time.time() - t_start}
+    summary = {"step": step, "losses": losses, "fids": fids, "seconds": time.time() - t_start}
     if rank == 0 and cfg["eval_per_class"] and data.vae == "none":
         if tokenizer is None:
-            summary.update(shapes.evaluate_class_demo(ema, cfg, data, amp, log))
+            summary.update(shapes.evaluate_class_demo(ema, cfg, data, grid_sampler, amp, log))
         elif not cfg["data"]:
-            summary.update(shapes.evaluate_caption_demo(ema, cfg, data, tokenizer, vae, amp, log))
+            summary.update(shapes.evaluate_caption_demo(ema, cfg, data, tokenizer, vae, grid_sampler, amp, log))
     return summary
 
 

@@ -1,9 +1,13 @@
 """Fine-tune a CausalFusion checkpoint for image classification (paper Sec. 6 "Visual Representation Learning",
-Table 6b, App. C Table 12), or train a linear probe on its frozen features.
+Table 6b, App. C Table 12), or train a linear probe on its frozen features, or fine-tune it for captioning with
+FLIP's COCO caption recipe (--task caption: App. C Table 13).
 
     python finetune.py --ckpt out/demo/ckpt.pt --batch-size 128   # the demo's 1,000 shapes, 1,000 new held-out ones
     python finetune.py --ckpt out/demo/ckpt.pt --probe --probe-batch-size 250 --probe-optimizer sgd  # linear probe
     python finetune.py --ckpt RUN/ckpt.pt --data latents/in256_sd --val-data latents/in256_sd_val --out runs/ft
+    python finetune.py --task caption --ckpt out/captions/ckpt.pt   # the captioned demo's images, 500 new ones
+    python finetune.py --task caption --ckpt RUN/ckpt.pt --data latents/coco_train --val-data latents/coco_test \
+        --tokenizer llama3/tokenizer.model --feature-layer 21
     torchrun --nproc_per_node=8 finetune.py ...same options...
 
 The classifier is the pretrained model's ViT body: x_proj, position embedding and blocks, over the L tokens of a
@@ -13,8 +17,12 @@ Fine-tuning is MAE's recipe (Table 12): AdamW, layer-wise lr decay, cosine sched
 smoothing, mixup and cutmix, drop path. On extracted latents the augmentation is a random flip and a posterior
 sample (MAE's RandomResizedCrop and RandAugment work on pixels). The probe is MAE's: a frozen body,
 BatchNorm without affine before the linear head, LARS, no weight decay.
+The captioner is the same body, cut after --feature-layer, under a caption head (caption_head.py: a 3-layer
+transformer encoder over the body's tokens, a 3-layer causal transformer decoder, width 384, 6 heads), trained by
+next-token cross-entropy with Table 13's recipe (AdamW, head lr 1e-4, body lr 1e-5 or frozen, cosine decay) and
+scored by CIDEr-D of greedy captions of the held-out images.
 Randomness as in train.py: micro-batch m of step s draws from a generator seeded by (seed, s, m), so resuming
-continues exactly and needs no generator state.
+continues exactly and needs no generator state (the caption head's dropout reseeds torch from that generator).
 """
 import contextlib
 import json
@@ -30,17 +38,23 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
+import tokenizer as text_lib
+from caption_head import CaptionHead
 from checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from cider import cider_d
 from config import parse_config
 from latents import LatentData
 from model import CausalFusion, patchify
 from runtime import autocast, autocast_dtype, launch, seeded, step_indices
 
 config = dict(
+    task="classify",  # classify (Table 12's fine-tuning, or --probe) or caption (Table 13's captioning fine-tuning)
     ckpt="",  # the pretrained train.py checkpoint (required)
     weights="ema",  # ema or model: which of its weights; random: its architecture freshly initialized (a baseline)
-    data="",  # training latents (extract_latents.py); "" = the demo's shapes at the checkpoint's image size
-    val_data="",  # held-out latents for top-1 accuracy (ImageNet val); the demo draws new shapes
+    data="",  # training latents (extract_latents.py; captioned for --task caption); "" = the demo's shapes at the
+    # checkpoint's image size (--task caption: the captioned demo's)
+    val_data="",  # held-out latents for top-1 accuracy (ImageNet val) or CIDEr-D (Karpathy test); the demo draws new
+    # shapes
     out="out/finetune",  # run dir: ckpt.pt, finetune.log
     resume=False,  # continue OUT/ckpt.pt exactly
     seed=0,  # seeds the head and every random draw
@@ -69,11 +83,33 @@ config = dict(
     probe_warmup_epochs=10,  # linear lr warmup, then cosine decay to 0
     probe_optimizer="lars",  # lars (MAE's) or sgd (momentum 0.9): LARS moves the head by ~1e-3 x lr of its norm
     # per step, far too little for the few hundred steps of a small data set
+    # captioning (--task caption): FLIP's COCO caption fine-tuning (paper App. C Table 13, its names and values)
+    caption_lr=1e-4,  # caption head lr
+    caption_body_lr=1e-5,  # other parameters lr: the body's
+    caption_weight_decay=0.01,  # weight decay (AdamW; not on biases, norms and position embeddings)
+    caption_dropout=0.1,  # dropout of the caption head (embeddings, attention, MLPs)
+    caption_betas=(0.9, 0.999),  # optimizer momentum: AdamW betas
+    caption_batch_size=256,  # batch size (global, split over ranks and micro-batches)
+    caption_epochs=20,  # training epochs
+    caption_warmup_epochs=0.0,  # warmup epochs (left blank in Table 13: none), then cosine decay to 0
+    caption_freeze_body=False,  # the body frozen (no gradient, features without a graph); else at --caption-body-lr
+    caption_flip=False,  # random horizontal flips (off: captions that name left and right would lie)
+    feature_layer=0,  # the block (1..depth) whose output tokens feed the head; 0 = the last. The paper tries the
+    # 14th, 21st and 24th of L's 24 and keeps the best (App. C); later blocks are dropped
+    head_width=384,  # the caption head's width (Table 13's caption head: 384)
+    head_heads=6,  # its attention heads (6)
+    head_encoder_layers=3,  # its transformer encoder layers (3)
+    head_decoder_layers=3,  # its transformer decoder layers (3)
+    tokenizer="",  # "" = the byte tokenizer (tokenizer.py); a LLaMA-3 tokenizer.model file (paper Sec. 6)
+    text_len=0,  # caption tokens, BOS and EOS included (longer captions are cut, counted); 0 = the checkpoint's
+    # text length for a text model, else 35 (paper Table 11)
     # the demo (--data "")
     demo_per_class=100,  # training images per class (train.py's demo data: the same images)
     demo_val_per_class=100,  # held-out images per class, drawn with another seed
+    demo_images=4000,  # --task caption: training images of the captioned demo (train.py's: the same images)
+    demo_val_images=500,  # --task caption: held-out images of seen combinations, drawn with another seed
     # logging, system
-    eval_every=1,  # epochs between top-1 evaluations on the held-out set (and at the end)
+    eval_every=1,  # epochs between top-1 (CIDEr-D) evaluations on the held-out set (and at the end)
     ckpt_every=1,  # epochs between writes of OUT/ckpt.pt (and at the end)
     device="",  # "" = cuda if available, else cpu
     dtype="",  # autocast dtype: bf16 or fp32; "" = bf16 on cuda (the paper), fp32 on cpu
@@ -107,11 +143,7 @@ class Classifier(nn.Module):
 
     def features(self, latents, generator=None):
         """Scaled latents (N, C, H, W) -> pooled, normalized features (N, D)."""
-        x = self.x_proj(patchify(latents, self.patch_size)) + self.pos_embed  # (N, L, D)
-        for block, rate in zip(self.blocks, self.drop_rates):
-            x = x + self._drop(block.attn(block.norm1(x)), rate, generator)  # full attention: no mask
-            x = x + self._drop(block.mlp(block.norm2(x)), rate, generator)
-        return self.fc_norm(x.mean(1))  # (N, D)
+        return self.fc_norm(body_tokens(self, latents, self._drop, generator).mean(1))  # (N, D)
 
     def _drop(self, x, rate, generator):
         """Stochastic depth: zero the branch for a random `rate` of the samples, rescale the rest."""
@@ -126,6 +158,76 @@ class Classifier(nn.Module):
                 feats = self.features(latents)
             return self.head(self.bn(feats.float()))
         return self.head(self.features(latents, generator))
+
+
+def body_tokens(body, latents, drop=None, generator=None):
+    """The ViT body's output tokens (N, L, D) of scaled latents (N, C, H, W): x_proj + pos_embed, then body.blocks
+    with full attention (no mask, no cond tokens, no timestep); drop(branch, rate, generator) is stochastic depth."""
+    x = body.x_proj(patchify(latents, body.patch_size)) + body.pos_embed  # (N, L, D)
+    for block, rate in zip(body.blocks, body.drop_rates):
+        branch = block.attn(block.norm1(x))  # full attention: no mask
+        x = x + (drop(branch, rate, generator) if drop else branch)
+        branch = block.mlp(block.norm2(x))
+        x = x + (drop(branch, rate, generator) if drop else branch)
+    return x
+
+
+class Captioner(nn.Module):
+    """The ViT body of a CausalFusion model (x_proj, pos_embed and its first feature_layer blocks, same names) under a
+    CaptionHead (head.*) that reads the body's output tokens; freeze_body: the body gets no gradient."""
+
+    def __init__(self, generator_model, feature_layer, vocab_size, text_len, width=384, num_heads=6,
+                 encoder_layers=3, decoder_layers=3, dropout=0.1, freeze_body=False):
+        super().__init__()
+        g = generator_model
+        depth = len(g.blocks)
+        if not 0 <= feature_layer <= depth:
+            raise ValueError(f"--feature-layer must be in 1..{depth} (the body's blocks; 0 = the last), got "
+                             f"{feature_layer}")
+        self.feature_layer = feature_layer or depth
+        self.patch_size, self.depth = g.patch_size, self.feature_layer
+        self.x_proj, self.pos_embed = g.x_proj, g.pos_embed
+        self.blocks = g.blocks[:self.feature_layer]  # the blocks after the feature layer take no part
+        self.drop_rates = [0.0] * self.feature_layer  # Table 13 has no drop path
+        self.head = CaptionHead(g.x_proj.out_features, g.num_tokens, vocab_size, text_len, width, num_heads,
+                                encoder_layers, decoder_layers, dropout)
+        self.freeze_body = freeze_body
+        if freeze_body:
+            for p in self.body_parameters():
+                p.requires_grad_(False)
+
+    def body_parameters(self):
+        return [p for name, p in self.named_parameters() if not name.startswith("head.")]
+
+    def image_tokens(self, latents):
+        """Scaled latents (N, C, H, W) -> the feature layer's tokens (N, L, D)."""
+        with torch.no_grad() if self.freeze_body else contextlib.nullcontext():  # a frozen body builds no graph
+            return body_tokens(self, latents)
+
+    def forward(self, latents, text):
+        """Latents (N, C, H, W), caption ids (N, T) from BOS -> next-token logits (N, T, V)."""
+        return self.head(self.image_tokens(latents), text)
+
+    @torch.no_grad()
+    def caption(self, latents, bos, eos):
+        """Greedy caption ids (N, <= text_len) of latents (N, C, H, W), from BOS."""
+        return self.head.generate(self.image_tokens(latents), bos, eos)
+
+
+def caption_param_groups(model, weight_decay, head_lr, body_lr):
+    """Table 13: the caption head at head_lr, the other parameters (the body) at body_lr, as lr scales of head_lr;
+    no weight decay on 1-d tensors (biases, norms) and position embeddings."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        head = name.startswith("head.")
+        decay = 0.0 if p.ndim == 1 or name.endswith(("pos_embed", "image_pos", "text_pos")) else weight_decay
+        key = (head, decay)
+        if key not in groups:
+            groups[key] = dict(params=[], weight_decay=decay, lr_scale=1.0 if head else body_lr / head_lr)
+        groups[key]["params"].append(p)
+    return list(groups.values())
 
 
 def param_groups(model, weight_decay, layer_decay):
@@ -230,6 +332,31 @@ def open_data(cfg, meta, rank):
     return train_data, indices, val_data
 
 
+def open_caption_data(cfg, meta, rank):
+    """(training LatentData, held-out LatentData), both with captions, for --task caption."""
+    if cfg["data"]:
+        if not cfg["val_data"]:
+            raise ValueError("--val-data is required with --data: the held-out captioned latents to score CIDEr-D on")
+        train_data, val_data = LatentData(cfg["data"]), LatentData(cfg["val_data"])
+    else:  # train.py's captioned demo (same seed: the pretraining images) and new seen combinations, another seed
+        if meta["vae"] != "none":
+            raise ValueError(f"--ckpt {cfg['ckpt']} was trained on {meta['vae']} latents, not the captioned demo's "
+                             f"pixels; pass --data and --val-data")
+        root, size = os.path.join(cfg["out"], "data"), meta["image_size"]
+        train_data = LatentData(shapes.build_caption_demo_data(os.path.join(root, "train"), size, cfg["demo_images"],
+                                                               cfg["seed"], rank))
+        val_data = LatentData(shapes.build_caption_demo_data(os.path.join(root, "val"), size,
+                                                             cfg["demo_val_images"], cfg["seed"] + 1000, rank))
+    for name, d in (("--data", train_data), ("--val-data", val_data)):
+        where = cfg[name[2:].replace("-", "_")] or "the captioned demo"
+        if d.captions is None:
+            raise ValueError(f"{name} {where}: no captions (extract a folder with a metadata.jsonl for --task caption)")
+        if list(d.latent_shape) != list(meta["latent_shape"]):
+            raise ValueError(f"{name} {where}: latents {d.latent_shape}, but --ckpt was trained on "
+                             f"{tuple(meta['latent_shape'])}")
+    return train_data, val_data
+
+
 # ------------------------------------------------------------------------------------------------ run
 @torch.no_grad()
 def evaluate(model, data, batch_size, device, amp, rank, world):
@@ -250,6 +377,34 @@ def evaluate(model, data, batch_size, device, amp, rank, world):
     return (correct / total).item()
 
 
+def decode_captions(ids, tok):
+    """Greedy ids (N, T) from BOS -> N strings, each cut at its first EOS."""
+    rows = ids[:, 1:].tolist()
+    return [tok.decode(row[:row.index(tok.eos)] if tok.eos in row else row) for row in rows]
+
+
+@torch.no_grad()
+def evaluate_captions(model, data, tok, batch_size, device, amp, rank, world):
+    """(corpus CIDEr-D, {index: caption}) of greedy captions of the held-out data (mean latents, no flip) against all
+    of each image's captions; the images are split over the ranks, the captions gathered, every rank scores."""
+    model.eval()
+    mine = {}
+    starts = range(rank * batch_size, len(data), world * batch_size)
+    for start in tqdm(starts, desc="captions", disable=rank > 0, leave=False):
+        stop = min(start + batch_size, len(data))
+        with amp:
+            ids = model.caption(mean_latents(data, start, stop).to(device), tok.bos, tok.eos)  # (B, T)
+        mine.update(zip(range(start, stop), decode_captions(ids, tok)))
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    model.train()
+    candidates = {i: mine[i] for i in range(len(data))}
+    score, _ = cider_d(candidates, {i: data.captions[i] for i in range(len(data))})
+    return score, candidates
+
+
 def learning_rate(step, steps_per_epoch, peak, warmup_epochs, epochs, floor):
     """MAE's per-iteration schedule: linear warmup, then half a cosine from peak to floor."""
     epoch = step / steps_per_epoch
@@ -258,19 +413,25 @@ def learning_rate(step, steps_per_epoch, peak, warmup_epochs, epochs, floor):
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 
-def build(cfg, device):
-    """The classifier from the pretrained checkpoint, its optimizer and the recipe's numbers."""
+def load_body(cfg, text_ok):
+    """The pretrained model (its architecture freshly initialized for --weights random) and its data meta; torch is
+    seeded with --seed for what is built next (the head)."""
     if cfg["weights"] not in ("ema", "model", "random"):
         raise ValueError(f"--weights must be ema, model or random, got {cfg['weights']!r}")
     if not cfg["ckpt"]:
         raise ValueError("--ckpt is required: a train.py checkpoint to fine-tune")
     pretrained, meta = load_checkpoint(cfg["ckpt"], use_ema=cfg["weights"] != "model")
-    if pretrained.text_vocab:
+    if pretrained.text_vocab and not text_ok:
         raise ValueError(f"--ckpt {cfg['ckpt']}: a text model; fine-tuning takes a class-conditional checkpoint")
     torch.manual_seed(cfg["seed"])
     if cfg["weights"] == "random":
         pretrained = CausalFusion(**pretrained.config)
-    meta = dict(meta, model_config=pretrained.config)
+    return pretrained, dict(meta, model_config=pretrained.config)
+
+
+def build(cfg, device):
+    """The classifier from the pretrained checkpoint, its optimizer and the recipe's numbers."""
+    pretrained, meta = load_body(cfg, text_ok=False)
     model = Classifier(pretrained, meta["num_classes"], 0.0 if cfg["probe"] else cfg["drop_path"], cfg["probe"])
     model = model.to(device).train()
     p = "probe_" if cfg["probe"] else ""
@@ -288,6 +449,113 @@ def build(cfg, device):
     return model, meta, optimizer, recipe
 
 
+def build_captioner(cfg, device):
+    """The captioner (the checkpoint's body, class-conditional or text, under a new caption head), its tokenizer,
+    AdamW over Table 13's two lrs and the recipe's numbers."""
+    pretrained, meta = load_body(cfg, text_ok=True)
+    tok = text_lib.build_tokenizer(cfg["tokenizer"])
+    text_len = cfg["text_len"] or pretrained.config.get("text_len") or 35
+    if text_len < 3:
+        raise ValueError(f"--text-len must hold BOS, a token and EOS (3), got {text_len}")
+    for key in ("caption_lr", "caption_body_lr"):
+        if cfg[key] <= 0 and not (key == "caption_body_lr" and cfg["caption_freeze_body"]):
+            raise ValueError(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]} (to freeze the body: "
+                             f"--caption-freeze-body)")
+    model = Captioner(pretrained, cfg["feature_layer"], tok.vocab_size, text_len, cfg["head_width"],
+                      cfg["head_heads"], cfg["head_encoder_layers"], cfg["head_decoder_layers"],
+                      cfg["caption_dropout"], cfg["caption_freeze_body"]).to(device).train()
+    groups = caption_param_groups(model, cfg["caption_weight_decay"], cfg["caption_lr"], cfg["caption_body_lr"])
+    for group in groups:
+        group["lr"] = cfg["caption_lr"] * group["lr_scale"]
+    optimizer = torch.optim.AdamW(groups, betas=cfg["caption_betas"])
+    recipe = dict(batch_size=cfg["caption_batch_size"], epochs=cfg["caption_epochs"],
+                  warmup_epochs=cfg["caption_warmup_epochs"], min_lr=0.0, lr=cfg["caption_lr"])
+    return model, meta, optimizer, recipe, tok, text_len
+
+
+class ClassifyTask:
+    """Table 12's fine-tuning or MAE's linear probe (--probe): what finetune()'s loop needs of a task."""
+    metric, metric_name = "top1", "top-1"
+    resume_keys = ("task", "ckpt", "weights", "probe", "per_class", "seed")  # what the run's course depends on
+
+    def __init__(self, cfg, device):
+        self.cfg = cfg
+        self.model, self.meta, self.optimizer, self.recipe = build(cfg, device)
+        self.batch_option = "probe-batch-size" if cfg["probe"] else "batch-size"
+
+    def open_data(self, rank):
+        self.train_data, self.indices, self.val_data = open_data(self.cfg, self.meta, rank)
+
+    def describe(self):
+        return "linear probe" if self.cfg["probe"] else "fine-tuning"
+
+    def loss(self, train_model, idx, g, device, amp):
+        cfg, num_classes = self.cfg, self.meta["num_classes"]
+        x, y = self.train_data.batch(idx, g)  # flip + posterior sample
+        x, target = (x, F.one_hot(y, num_classes).float()) if cfg["probe"] else mix(x, y, num_classes, cfg, g)
+        with amp:
+            logits = train_model(x.to(device), g)
+        return F.cross_entropy(logits.float(), target.to(device))  # soft targets
+
+    def evaluate(self, batch_size, device, amp, rank, world):
+        return evaluate(self.model, self.val_data, batch_size, device, amp, rank, world), ""
+
+    def checkpoint_extras(self):
+        return {}
+
+
+class CaptionTask:
+    """Table 13's captioning fine-tuning (--task caption): next-token cross-entropy on a caption drawn per image,
+    CIDEr-D of greedy captions of the held-out images."""
+    metric, metric_name = "cider", "CIDEr-D"
+    resume_keys = ("task", "ckpt", "weights", "seed", "feature_layer", "caption_freeze_body", "caption_flip",
+                   "tokenizer", "text_len", "head_width", "head_heads", "head_encoder_layers", "head_decoder_layers")
+    batch_option = "caption-batch-size"
+
+    def __init__(self, cfg, device):
+        self.cfg = cfg
+        self.model, self.meta, self.optimizer, self.recipe, self.tok, self.text_len = build_captioner(cfg, device)
+        self.cut = [0, 0]  # captions cut to text_len, captions seen (since the last evaluation)
+
+    def open_data(self, rank):
+        self.train_data, self.val_data = open_caption_data(self.cfg, self.meta, rank)
+        self.indices = torch.arange(len(self.train_data))
+
+    def describe(self):
+        c = self.cfg
+        body = "frozen body" if c["caption_freeze_body"] else f"body at lr {c['caption_body_lr']:.1e}"
+        return (f"caption fine-tuning (features of block {self.model.feature_layer}, {body}, {self.tok.kind} "
+                f"tokenizer, {self.text_len} text tokens)")
+
+    def loss(self, train_model, idx, g, device, amp):
+        x, _ = self.train_data.batch(idx, g, flip=self.cfg["caption_flip"])  # posterior sample (+ flip)
+        captions = [c[int(torch.randint(len(c), (), generator=g))] for c in map(self.train_data.captions.__getitem__,
+                                                                                   idx.tolist())]  # one per image
+        ids, lengths, cut = text_lib.tokenize(self.tok, captions, self.text_len)  # (B, text_len), (B,)
+        self.cut[0] += cut
+        self.cut[1] += len(captions)
+        ids = ids[:, :int(lengths.max())].to(device)  # (B, T): the causal mask makes the EOS padding after it inert
+        lengths = lengths.to(device)
+        torch.manual_seed(int(torch.randint(2 ** 62, (), generator=g)))  # the head's dropout masks, keyed as the rest
+        with amp:
+            logits = train_model(x.to(device), ids[:, :-1])  # (B, T - 1, V)
+        targets = torch.arange(ids.shape[1] - 1, device=device)[None] < (lengths - 1)[:, None]  # (B, T - 1): to EOS
+        return F.cross_entropy(logits.float()[targets], ids[:, 1:][targets])
+
+    def evaluate(self, batch_size, device, amp, rank, world):
+        score, captions = evaluate_captions(self.model, self.val_data, self.tok, batch_size, device, amp, rank, world)
+        examples = "; ".join(f"{self.val_data.captions[i][0]!r} -> {captions[i]!r}" for i in range(min(3, len(captions))))
+        cut = f" | captions cut {self.cut[0]}/{self.cut[1]}"
+        self.cut = [0, 0]
+        return score, f"{cut}\n  e.g. {examples}"
+
+    def checkpoint_extras(self):
+        return {"tokenizer": self.tok.state(), "text_len": self.text_len}
+
+
+TASKS = {"classify": ClassifyTask, "caption": CaptionTask}
+
+
 def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
@@ -295,8 +563,14 @@ def main(argv=None):
 
 
 def finetune(cfg, rank, world, device):
+    if cfg["task"] not in TASKS:
+        raise ValueError(f"--task must be classify or caption, got {cfg['task']!r}")
+    if cfg["task"] == "caption" and (cfg["probe"] or cfg["per_class"]):
+        raise ValueError("--probe and --per-class are for --task classify (the captioner's frozen body: "
+                         "--caption-freeze-body)")
     out, micro = cfg["out"], world * cfg["grad_accum"]
-    model, meta, optimizer, recipe = build(cfg, device)
+    task = TASKS[cfg["task"]](cfg, device)
+    model, meta, optimizer, recipe = task.model, task.meta, task.optimizer, task.recipe
     batch = recipe["batch_size"]
     dtype = autocast_dtype(cfg["dtype"], device)
     if batch % micro:
@@ -305,10 +579,11 @@ def finetune(cfg, rank, world, device):
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     os.makedirs(out, exist_ok=True)
-    train_data, indices, val_data = open_data(cfg, meta, rank)
+    task.open_data(rank)
+    indices, val_data = task.indices, task.val_data
     if len(indices) < batch:
         raise ValueError(f"{len(indices)} training examples, fewer than one batch ({batch}): lower --"
-                         f"{'probe-' if cfg['probe'] else ''}batch-size")
+                         f"{task.batch_option}")
     steps_per_epoch = len(indices) // batch
     total = recipe["epochs"] * steps_per_epoch
 
@@ -323,8 +598,8 @@ def finetune(cfg, rank, world, device):
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
-        keys = ("ckpt", "weights", "probe", "per_class", "seed")  # what the run's course depends on
-        diff = {k: (ckpt["config"].get(k), cfg[k]) for k in keys if ckpt["config"].get(k) != cfg[k]}
+        diff = {k: (ckpt["config"].get(k, config[k]), cfg[k]) for k in task.resume_keys
+                if ckpt["config"].get(k, config[k]) != cfg[k]}  # a key the file lacks had its default
         if diff:
             raise ValueError(f"--resume: {ckpt_path} is another run; (checkpoint, now): {diff}")
         model.load_state_dict(ckpt["model"])
@@ -335,7 +610,7 @@ def finetune(cfg, rank, world, device):
     amp = autocast(dtype, device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6
     log(f"config: {json.dumps(cfg)}")
-    log(f"{'linear probe' if cfg['probe'] else 'fine-tuning'} of {cfg['ckpt']} ({cfg['weights']} weights): "
+    log(f"{task.describe()} of {cfg['ckpt']} ({cfg['weights']} weights): "
         f"{trainable:.3f}M trainable of {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
         f"{len(indices)} training and {len(val_data)} held-out examples; {recipe['epochs']} epochs of "
         f"{steps_per_epoch} steps at batch {batch}, peak lr {recipe['lr']:.2e}; {world} rank(s) on {device} ({dtype})")
@@ -344,8 +619,8 @@ def finetune(cfg, rank, world, device):
         if rank == 0:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                              "history": history, "config": cfg, "pretrained_config": meta["model_config"],
-                             "data": {k: meta[k] for k in ("vae", "latent_shape", "num_classes", "class_names")}},
-                            out, False)
+                             "data": {k: meta[k] for k in ("vae", "latent_shape", "num_classes", "class_names")},
+                             **task.checkpoint_extras()}, out, False)
 
     micro_size, losses = batch // micro, []
     bar = tqdm(total=total, initial=step, desc="steps", disable=rank > 0, dynamic_ncols=True)
@@ -359,14 +634,9 @@ def finetune(cfg, rank, world, device):
         for a in range(cfg["grad_accum"]):
             m = rank * cfg["grad_accum"] + a
             g = seeded(cfg["seed"], 2, step, m)
-            x, y = train_data.batch(chosen[m * micro_size:(m + 1) * micro_size], g)  # flip + posterior sample
-            x, target = (x, F.one_hot(y, meta["num_classes"]).float()) if cfg["probe"] else mix(
-                x, y, meta["num_classes"], cfg, g)
             sync = world == 1 or a == cfg["grad_accum"] - 1
             with contextlib.nullcontext() if sync else train_model.no_sync():
-                with amp:
-                    logits = train_model(x.to(device), g)
-                loss = F.cross_entropy(logits.float(), target.to(device))  # soft targets
+                loss = task.loss(train_model, chosen[m * micro_size:(m + 1) * micro_size], g, device, amp)
                 (loss / cfg["grad_accum"]).backward()
             loss_sum += loss.detach() / cfg["grad_accum"]
         optimizer.step()
@@ -382,16 +652,19 @@ def finetune(cfg, rank, world, device):
             if world > 1:
                 dist.all_reduce(loss_mean)
             loss_value = loss_mean.item() / world
-            acc = evaluate(model, val_data, micro_size, device, amp, rank, world)
-            history.append(dict(epoch=epoch, step=step, loss=loss_value, top1=acc))
-            bar.set_postfix(loss=f"{loss_value:.4f}", top1=f"{acc:.3f}")
-            log(f"epoch {epoch} | step {step} | loss {loss_value:.4f} | lr {lr:.2e} | held-out top-1 {acc:.4f}")
+            score, more = task.evaluate(micro_size, device, amp, rank, world)
+            history.append({"epoch": epoch, "step": step, "loss": loss_value, task.metric: score})
+            bar.set_postfix({"loss": f"{loss_value:.4f}", task.metric: f"{score:.3f}"})
+            log(f"epoch {epoch} | step {step} | loss {loss_value:.4f} | lr {lr:.2e} | held-out {task.metric_name} "
+                f"{score:.4f}{more}")
         if epoch_done and (epoch % cfg["ckpt_every"] == 0 or step == total):
             checkpoint()
     bar.close()
-    summary = dict(top1=history[-1]["top1"] if history else None,
-                   best_top1=max((h["top1"] for h in history), default=None), history=history)
-    log(f"final held-out top-1 {summary['top1']:.4f} (best {summary['best_top1']:.4f}) on {len(val_data)} examples")
+    metric = task.metric
+    summary = {metric: history[-1][metric] if history else None,
+               f"best_{metric}": max((h[metric] for h in history), default=None), "history": history}
+    log(f"final held-out {task.metric_name} {summary[metric]:.4f} (best {summary['best_' + metric]:.4f}) on "
+        f"{len(val_data)} examples")
     return summary
 
 

@@ -2,6 +2,7 @@
 and captioning, over the generation engine of engine.py.
 
     python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --ar-steps 4 --cfg-scale 1.5 --seed 0
+    python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --sampler dpm++sde --steps 20   # a fast sampler (README)
     python sample.py --ckpt RUN/ckpt.pt --num-samples 50000 --cfg-scale 1.5 --out samples.npz   # FID (fid.py)
     torchrun --nproc_per_node 8 sample.py ...same options...                       # same npz, 8x faster
     python sample.py --ckpt RUN/ckpt.pt --edit photo.png --keep outer --classes 3 7  # zero-shot editing
@@ -38,7 +39,7 @@ config = dict(
     vae=None,  # sd, mar or none; default: the checkpoint's (the authors' checkpoints: mar)
     vae_ckpt=None,  # VAE weights (vae.py); "random" = random weights, for speed measurements
     num_samples=16,  # images to generate (editing: rows of edits)
-    batch_size=16,  # images per global batch; with the seed it fixes the samples
+    batch_size=64,  # images per global batch; with the seed it fixes the samples (README: "Fast sampling")
     classes=[],  # class indices or names, cycled over the samples; empty or "random": uniformly random (DiT,
     # ADM); "balanced": every class in turn (50,000 samples: 50 per class, as MAR)
     ar_steps=1,  # AR steps S: 1 = diffusion mode, L = token by token

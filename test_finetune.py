@@ -1,5 +1,6 @@
 """Tests of finetune.py: the ViT body against the blocks run by hand, the frozen probe, MAE's layer-wise lr decay,
-cutmix's label weights, LARS by hand, and an exactly resumed run."""
+cutmix's label weights, LARS by hand, and an exactly resumed run; for --task caption (Table 13) the caption head's
+shapes and causal greedy decoding, the frozen body and the two lrs, CIDEr-D of perfect captions, an exact resume."""
 import math
 import os
 import subprocess
@@ -112,6 +113,27 @@ def test_lars_step_by_hand():
     assert torch.allclose(b, b0 - 0.1 * torch.ones(3))  # biases: plain momentum SGD, no weight decay or trust ratio
 
 
+def _run_until_first_checkpoint(args):
+    """finetune.main(args) in a subprocess, killed right after it writes its first checkpoint."""
+    proc = subprocess.run([sys.executable, "-c", f"import checkpoint, finetune, torch\ntorch.set_num_threads("
+                           f"{torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
+                           f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
+                           f"finetune.save_checkpoint = stop\nfinetune.main({args!r})"],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr
+
+
+def _refused(args, out, cases):
+    """Each (extra options, word) of cases is a ValueError of finetune.main whose message holds the word."""
+    for bad, word in cases:
+        try:
+            finetune.main(args + ["--out", out] + bad)
+        except ValueError as e:
+            assert word in str(e), e
+        else:
+            raise AssertionError(f"{bad} accepted")
+
+
 def test_finetune_resumes_exactly_and_probes():
     ckpt, data = pretrained()
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "2",
@@ -120,12 +142,7 @@ def test_finetune_resumes_exactly_and_probes():
         straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
         # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
         stopped = args + ["--out", os.path.join(tmp, "b")]
-        proc = subprocess.run([sys.executable, "-c", f"import checkpoint, finetune, torch\ntorch.set_num_threads("
-                               f"{torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
-                               f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
-                               f"finetune.save_checkpoint = stop\nfinetune.main({stopped!r})"],
-                              cwd=HERE, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 3, proc.stderr
+        _run_until_first_checkpoint(stopped)
         resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
         assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
         a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
@@ -140,15 +157,9 @@ def test_finetune_resumes_exactly_and_probes():
         assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
         assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
         assert 0 <= probe["top1"] <= 1
-        for bad, word in ((["--weights", "best"], "--weights"),
-                          (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
-                          (["--batch-size", "4096"], "batch")):
-            try:
-                finetune.main(args + ["--out", os.path.join(tmp, "bad")] + bad)
-            except ValueError as e:
-                assert word in str(e), e
-            else:
-                raise AssertionError(f"{bad} accepted")
+        _refused(args, os.path.join(tmp, "bad"), ((["--weights", "best"], "--weights"),
+                                                  (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
+                                                  (["--batch-size", "4096"], "batch")))
 
 
 def test_torchrun_two_ranks_match_grad_accum():
@@ -168,3 +179,137 @@ def test_torchrun_two_ranks_match_grad_accum():
         assert two["history"][0]["top1"] == one["history"][0]["top1"]
         assert math.isclose(two["history"][0]["loss"], one["history"][0]["loss"], abs_tol=1e-6)
         assert all(torch.allclose(a[k], two["model"][k], atol=1e-5) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------ captioning
+CAPTION = ["--task", "caption", "--caption-batch-size", "8", "--caption-epochs", "2", "--head-width", "32",
+           "--head-heads", "4", "--head-encoder-layers", "1", "--head-decoder-layers", "1", "--text-len", "45",
+           "--demo-images", "24", "--demo-val-images", "6"]  # the captioned demo's shapes at the checkpoint's 8 px
+
+
+def test_caption_head_shapes_and_greedy_decoding_is_causal():
+    head = finetune.CaptionHead(in_dim=16, num_tokens=9, vocab_size=50, text_len=12, width=32, num_heads=4,
+                                encoder_layers=2, decoder_layers=2, dropout=0.1).eval()
+    feats = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(0))
+    text = torch.randint(50, (3, 7), generator=torch.Generator().manual_seed(1))
+    assert head.encode(feats).shape == (3, 9, 32) and head(feats, text).shape == (3, 7, 50)
+    # greedy, token by token, against one full forward of the decoder over the decoded sequence
+    ids, steps = head.generate(feats, bos=0, eos=49, return_logits=True)
+    assert ids.shape[1] == steps.shape[1] + 1 and 2 <= ids.shape[1] <= 12 and (ids[:, 0] == 0).all()
+    with torch.no_grad():
+        full = head(feats, ids[:, :-1])  # (3, T - 1, V)
+    assert torch.allclose(full, steps, atol=1e-5), (full - steps).abs().max()
+    live = torch.cat([torch.ones(3, 1, dtype=torch.bool), (ids[:, 1:-1] != 49).cummin(1).values], 1)  # before EOS
+    assert torch.equal(full.argmax(2)[live], ids[:, 1:][live])
+    # the mask matters: a changed later token leaves earlier logits alone and changes its own position's
+    other = ids[:, :-1].clone()
+    other[:, 3] = (other[:, 3] + 1) % 50
+    with torch.no_grad():
+        changed = head(feats, other)
+    assert torch.allclose(changed[:, :3], full[:, :3], atol=1e-5) and not torch.allclose(changed[:, 3], full[:, 3])
+    # the captioner: the first feature_layer blocks of the body, run by hand, under the head
+    gen = checkpoint.load_checkpoint(pretrained()[0])[0]
+    cap = finetune.Captioner(gen, 2, 258, 45, 32, 4, 1, 1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        h = gen.x_proj(finetune.patchify(x, 2)) + gen.pos_embed  # (N, L, D)
+        for block in gen.blocks[:2]:
+            h = block(h)
+        assert torch.allclose(cap.image_tokens(x), h, atol=1e-5)
+        assert cap(x, torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, 258)
+    assert len(cap.blocks) == 2 and not [n for n, _ in cap.named_parameters() if n.startswith("blocks.2")]
+
+
+def _caption_steps(freeze, steps=2):
+    ckpt, _ = pretrained()
+    cfg = dict(finetune.config, task="caption", ckpt=ckpt, caption_freeze_body=freeze, head_width=32, head_heads=4,
+               head_encoder_layers=1, head_decoder_layers=1)
+    model, _, opt, recipe, tok, text_len = finetune.build_captioner(cfg, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids, lengths, _ = finetune.text_lib.tokenize(tok, ["a red star", "a small blue plus in the top left"], text_len)
+    for _ in range(steps):
+        logits = model(torch.randn(2, 3, 8, 8), ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, before, recipe
+
+
+def test_caption_body_frozen_or_at_its_own_lr():
+    model, opt, before, recipe = _caption_steps(freeze=True)
+    for n, p in model.named_parameters():
+        if n.startswith("head."):
+            assert p.requires_grad and not torch.equal(p, before[n]), n
+        else:
+            assert p.grad is None and not p.requires_grad and torch.equal(p, before[n]), n
+    assert all(g["lr"] == 1e-4 for g in opt.param_groups)  # only the head's groups
+    model, opt, before, recipe = _caption_steps(freeze=False)
+    assert (recipe["lr"], recipe["batch_size"], recipe["epochs"]) == (1e-4, 256, 20)  # Table 13
+    lr, decay = {}, {}
+    for g in opt.param_groups:
+        assert g["betas"] == (0.9, 0.999)
+        for p in g["params"]:
+            lr[id(p)], decay[id(p)] = g["lr"], g["weight_decay"]
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert id(p) not in lr, n  # the fixed sin-cos position embedding
+            continue
+        assert math.isclose(lr[id(p)], 1e-4 if n.startswith("head.") else 1e-5), n
+        assert decay[id(p)] == (0.0 if p.ndim == 1 or n.endswith("_pos") else 0.01), n
+        assert not torch.equal(p, before[n]), n  # the body trains too
+
+
+def test_caption_cider_evaluation_maxes_for_perfect_captions():
+    ckpt, _ = pretrained()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = finetune.LatentData(finetune.shapes.build_caption_demo_data(tmp, 8, 8, 3, 0))
+        tok = finetune.text_lib.build_tokenizer("")
+
+        class Oracle(torch.nn.Module):  # captions the images in order: their references, or shifted by one
+            def __init__(self, shift):
+                super().__init__()
+                self.i, self.shift = 0, shift
+
+            def caption(self, latents, bos, eos):
+                refs = [data.captions[(self.i + k + self.shift) % len(data)][0] for k in range(len(latents))]
+                self.i += len(latents)
+                return finetune.text_lib.tokenize(tok, refs, 45)[0]
+
+        args = (tok, 3, torch.device("cpu"), finetune.contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
+        perfect, captions = finetune.evaluate_captions(Oracle(0), data, *args)
+        assert [captions[i] for i in range(len(data))] == [c[0] for c in data.captions]
+        assert math.isclose(perfect, 10.0, rel_tol=1e-9)  # CIDEr-D's maximum with one reference each
+        wrong, _ = finetune.evaluate_captions(Oracle(1), data, *args)
+        assert wrong < perfect
+        model = _caption_steps(False, steps=0)[0]
+        score, _ = finetune.evaluate_captions(model, data, *args)  # an untrained captioner: a number, far below
+        assert 0 <= score < 1 and model.training
+
+
+def test_caption_finetune_resumes_exactly_and_freezes():
+    ckpt, shapes_data = pretrained()
+    args = ["--ckpt", ckpt] + CAPTION
+    with tempfile.TemporaryDirectory() as tmp:
+        straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
+        stopped = args + ["--out", os.path.join(tmp, "b")]
+        _run_until_first_checkpoint(stopped)
+        assert len(torch.load(os.path.join(tmp, "b", "ckpt.pt"), weights_only=True)["history"]) == 1
+        resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+        assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
+        assert all(0 <= h["cider"] <= 10 and h["loss"] > 0 for h in straight["history"])
+        a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True) for d in "ab")
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+        assert a["tokenizer"] == {"kind": "bytes"} and a["text_len"] == 45
+        pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
+        assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+        log = open(os.path.join(tmp, "a", "finetune.log")).read()
+        assert "2 epochs of 3 steps at batch 8" in log and "held-out CIDEr-D" in log and "6 held-out" in log
+        # frozen: the body in the checkpoint is the pretrained EMA's, bit for bit
+        finetune.main(args + ["--out", os.path.join(tmp, "f"), "--caption-freeze-body", "--caption-epochs", "1"])
+        f = torch.load(os.path.join(tmp, "f", "ckpt.pt"), weights_only=True)["model"]
+        body = [k for k in f if not k.startswith("head.")]
+        assert body and all(torch.equal(f[k], pre[k]) for k in body)
+        _refused(args, os.path.join(tmp, "bad"), ((["--feature-layer", "9"], "--feature-layer"),
+                                                  (["--task", "captions"], "--task"),
+                                                  (["--data", shapes_data, "--val-data", shapes_data], "no captions"),
+                                                  (["--caption-body-lr", "0"], "--caption-freeze-body")))

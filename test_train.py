@@ -405,3 +405,273 @@ def test_table1_ablations_train_and_sample():
                 assert word in str(e), e
             else:
                 raise AssertionError(f"{bad} accepted")
+
+
+# ------------------------------------------------------------------------------------------ metrics, loggers, FID
+def _metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _die_at_step(step):
+    """A forward_losses that raises KeyboardInterrupt at the forward of `step` (1-based; one micro-batch)."""
+    real, calls = training.forward_losses, []  # the real one, even while train's is replaced
+
+    def dying(*a, **kw):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+    return dying
+
+
+def test_metrics_jsonl_and_tensorboard_after_kill_and_resume():
+    # the run is killed in step 6 after logging step 5, past its step-4 checkpoint: resumed, metrics.jsonl and
+    # TensorBoard hold every step once, with the uninterrupted run's values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2", "--max-steps", "6", "--tensorboard"]
+        train.main(args + ["--out", os.path.join(tmp, "a")])
+        out, real = os.path.join(tmp, "b"), train.forward_losses
+        train.forward_losses = _die_at_step(6)
+        try:
+            train.main(args + ["--out", out])
+            raise AssertionError("the run should have died")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            train.forward_losses = real
+        assert [r["step"] for r in _metrics(out)] == [1, 2, 3, 4, 5]
+        assert _load(os.path.join(out, "ckpt.pt"))["step"] == 4
+        train.main(args + ["--out", out, "--resume"])
+        a, b = _metrics(os.path.join(tmp, "a")), _metrics(out)
+        assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6], b
+        keys = ("loss", "lr", "grad_norm")
+        assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+        assert set(b[0]) == {"step", "loss", "lr", "grad_norm", "steps_per_s", "img_per_s", "tok_per_s", "mem_gb"}
+        # TensorBoard: two event files (the killed run's, the resumed run's); read back, the killed run's step 5 is
+        # purged, and every scalar is metrics.jsonl's at the same step (float32 in the event file)
+        assert len(os.listdir(os.path.join(out, "tensorboard"))) == 2
+        events = EventAccumulator(os.path.join(out, "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        assert sorted(events.Tags()["scalars"]) == sorted(f"train/{k}" for k in b[0] if k != "step")
+        for key in b[0]:
+            if key != "step":
+                got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+                assert [s for s, _ in got] == [1, 2, 3, 4, 5, 6], (key, got)
+                assert np.allclose([v for _, v in got], [r[key] for r in b], rtol=1e-6, atol=0), key
+        assert Image.open(os.path.join(out, "curves.png")).size[0] > 0
+
+
+def test_wandb_offline_run_and_resume_continue_one_run():
+    import time
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--out", os.path.join(tmp, "run"), "--wandb", "--wandb-run", "tiny"]
+        saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT", "WANDB_CONSOLE")}
+        os.environ.update(WANDB_MODE="offline", WANDB_DIR=os.path.join(tmp, "wb"), WANDB_SILENT="true",
+                          WANDB_CONSOLE="off")
+        os.makedirs(os.path.join(tmp, "wb"))
+        real = sys.modules.get("wandb")
+        try:
+            sys.modules["wandb"] = None  # not installed: an ImportError naming the package
+            try:
+                train.main(args + ["--max-steps", "1"])
+                raise AssertionError("--wandb without wandb should fail")
+            except ImportError as e:
+                assert "pip install wandb" in str(e), e
+            finally:
+                sys.modules.pop("wandb")
+                if real is not None:
+                    sys.modules["wandb"] = real
+            start = time.time()
+            train.main(args + ["--max-steps", "2"])
+            first = time.time() - start
+            train.main(args + ["--max-steps", "3", "--resume"])
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        run_id = _load(os.path.join(tmp, "run", "ckpt.pt"))["wandb_id"]
+        runs = sorted(d for d in os.listdir(os.path.join(tmp, "wb", "wandb")) if d.startswith("offline-run-"))
+        assert len(runs) == 2 and all(d.endswith("-" + run_id) for d in runs), (runs, run_id)  # resumed: same id
+        for d in runs:
+            files = os.listdir(os.path.join(tmp, "wb", "wandb", d))
+            assert f"run-{run_id}.wandb" in files and "files" in files, files
+            with open(os.path.join(tmp, "wb", "wandb", d, f"run-{run_id}.wandb"), "rb") as f:
+                data = f.read()
+            assert b"train/loss" in data and b"train/grad_norm" in data and b"tiny" in data
+        print(f"wandb: a 2-step run took {first:.1f} s")  # pytest -s shows it
+
+
+def _ref_images(path, n=4, size=8, seed=7):
+    """An ADM-style reference .npz: arr_0 uint8 (n, size, size, 3) random images."""
+    np.savez(path, arr_0=np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8))
+    return path
+
+
+def test_fid_during_training_equals_fid_py_on_the_same_samples():
+    # one evaluation (step 2 = the end) of 4 EMA samples against a reference of 4 images, with Inception weights in
+    # the real layout (random values): logged, written to metrics.jsonl, and equal to fid.py's command on the same
+    # samples regenerated through engine (balanced classes, seed --seed, the eval sampler)
+    import engine
+    from checkpoint import load_checkpoint
+    from test_fid import _weights_file
+    from vae import build_vae
+    with tempfile.TemporaryDirectory() as tmp:
+        out, ref = os.path.join(tmp, "run"), _ref_images(os.path.join(tmp, "ref.npz"))
+        args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "2", "--out", out, "--eval-every", "2",
+                       "--eval-ref", ref, "--eval-samples", "4", "--eval-batch-size", "3", "--eval-steps", "3",
+                       "--fid-weights", _weights_file()]
+        summary = train.main(args)
+        log = open(os.path.join(out, "train.log")).read()
+        m = re.search(r"step 2 \| FID-4 ([0-9.]+) \| 4 EMA samples, dpm\+\+sde 3 steps, CFG 5 \| [0-9.]+ s \(the first "
+                      r"evaluation: [0-9.]+ s per 1,000 samples\)", log)
+        assert m, log
+        evals = [r for r in _metrics(out) if "fid" in r]
+        assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["fid"] == summary["fids"][0] > 0
+        assert abs(float(m.group(1)) - evals[0]["fid"]) < 1e-4 and evals[0]["sampler"] == "dpm++sde"
+        model, meta = load_checkpoint(os.path.join(out, "ckpt.pt"))  # the EMA of step 2
+        images, labels, _ = engine.sample_images(model, build_vae("none"), meta["scale_factor"], 4,
+                                                 classes=list(range(10)), diffusion=engine.make_sampler(3, "dpm++sde"),
+                                                 cfg_scale=5.0, seed=0, batch_size=3)
+        assert labels.tolist() == [0, 1, 2, 3]
+        np.savez(os.path.join(tmp, "samples.npz"), arr_0=images)
+        run = subprocess.run([sys.executable, "fid.py", ref, os.path.join(tmp, "samples.npz"), "--metrics", "fid",
+                              "--weights", _weights_file(), "--device", "cpu", "--batch-size", "3"], cwd=HERE,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        expected = float(re.search(r"FID: ([0-9.e+-]+)", run.stdout).group(1))
+        # equal up to the float32 rounding of the features, which 4 samples' near-singular covariance magnifies
+        # (measured: 9e-8 relative in one run, under 1e-9 in another)
+        assert np.isclose(evals[0]["fid"], expected, rtol=1e-6, atol=0), (evals[0]["fid"], expected)
+
+
+def test_fid_schedule_resume_and_bad_reference():
+    # every --eval-every steps and at the end, before the checkpoint: a run killed in an evaluation and resumed
+    # neither repeats nor skips one;
+    # a bad --eval-ref fails before step 1, naming the file (evaluate_fid replaced: the schedule is the point)
+    from test_fid import _weights_file
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = os.path.join(tmp, "stats.npz")  # a fid.py --save-stats file
+        rng = np.random.default_rng(0)
+        np.savez(stats, mu=rng.standard_normal(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
+        out, real_eval, real_forward, calls = os.path.join(tmp, "run"), train.evaluate_fid, train.forward_losses, []
+        base = TINY + ["--data", _tiny_data(tmp), "--eval-every", "2", "--ckpt-every", "2", "--max-steps", "5",
+                       "--fid-weights", _weights_file()]
+        args = base + ["--out", out, "--eval-ref", stats]
+
+        def fake_fid(*a, **kw):
+            calls.append(1)
+            if len(calls) == 2:  # killed in the evaluation of step 4, after its log line, before its checkpoint
+                raise KeyboardInterrupt("killed")
+            return 10.0 + len(calls)
+        train.evaluate_fid = fake_fid
+        np.savez(os.path.join(tmp, "ref.npz"), labels=np.zeros(3))  # neither statistics nor images
+        try:
+            for bad, words in ((os.path.join(tmp, "none.npz"), ["none.npz", "no such file"]),
+                               (os.path.join(tmp, "ref.npz"), ["ref.npz", "arr_0"])):
+                train.forward_losses = _die_at_step(1)  # step 1 must not start
+                try:
+                    train.main(base + ["--eval-ref", bad, "--out", os.path.join(tmp, "bad")])
+                    raise AssertionError(f"{bad} accepted")
+                except ValueError as e:
+                    assert all(w in str(e) for w in words), e
+            train.forward_losses = real_forward
+            try:
+                train.main(args)
+                raise AssertionError("the run should have died")
+            except KeyboardInterrupt:
+                pass
+            assert _load(os.path.join(out, "ckpt.pt"))["step"] == 2
+            train.main(args + ["--resume"])
+        finally:
+            train.evaluate_fid, train.forward_losses = real_eval, real_forward
+        evals = [(r["step"], r["fid"]) for r in _metrics(out) if "fid" in r]
+        assert evals == [(2, 11.0), (4, 13.0), (5, 14.0)], evals
+        assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_fid_samples_under_torchrun_equal_one_process():
+    # with --lr 0 the weights stay the seed's, so 2 ranks and 1 process hold the same EMA exactly: the samples rank
+    # 0 gathers for FID (the ranks share the batches) must then equal one process's bit for bit, and so must the
+    # FID, a function of them on rank 0. fid.compute_stats and frechet_distance are replaced (the samples are the
+    # point, and a 2048-dim sqrtm costs a minute on CI's CPUs)
+    from test_fid import _weights_file
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = os.path.join(tmp, "stats.npz")
+        np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+        args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "1", "--lr", "0", "--eval-every", "1", "--eval-ref",
+                       stats, "--eval-samples", "6", "--eval-batch-size", "2", "--eval-steps", "2",
+                       "--fid-weights", _weights_file(), "--grid-classes", "0"]
+        driver = os.path.join(tmp, "driver.py")
+        with open(driver, "w") as f:
+            f.write(f"""import sys
+import numpy as np
+sys.path.insert(0, {HERE!r})
+import train
+def keep(samples, *a, **kw):
+    np.save(sys.argv[1], samples)
+    return dict(mu=np.zeros(2048), sigma=np.eye(2048))
+train.fid.compute_stats = keep
+train.fid.frechet_distance = lambda *a: float(np.load(sys.argv[1]).astype(np.float64).var())
+train.main(sys.argv[2:])
+""")
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
+        for name, launcher in (("one", []), ("two", torchrun)):
+            run = subprocess.run([sys.executable, *launcher, driver, os.path.join(tmp, f"{name}.npy"), *args, "--out",
+                                  os.path.join(tmp, name)], cwd=HERE, env=env, capture_output=True, text=True,
+                                 timeout=300)
+            assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+        one, two = np.load(os.path.join(tmp, "one.npy")), np.load(os.path.join(tmp, "two.npy"))
+        assert one.shape == (6, 8, 8, 3) and np.array_equal(one, two)
+        fids = [[r["fid"] for r in _metrics(os.path.join(tmp, n)) if "fid" in r] for n in ("one", "two")]
+        assert fids[0] == fids[1] and len(fids[0]) == 1, fids
+
+
+def test_two_nodes_match_one_process():
+    # two "nodes" of one process each (two torchrun launches on this machine's loopback, static rendezvous at
+    # --master-addr/--master-port, gloo) compute the step of one process accumulating 2 micro-batches
+    import socket
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "2"]
+        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        with socket.socket() as s:  # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
+                                   "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                                   "train.py", *args, "--out", os.path.join(tmp, "two")],
+                                  cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for r in (0, 1)]
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)
+        with open(os.path.join(tmp, "two", "train.log")) as f:
+            log = f.read()
+        assert "2 rank(s) x 1 micro-batch(es)" in log
+        two_losses = [float(v) for v in re.findall(r"\| loss ([0-9.e+-]+)", log)]
+        assert len(two_losses) == 2 and np.allclose(two_losses, one["losses"], rtol=0, atol=1e-6), \
+            (two_losses, one["losses"])
+
+
+def test_init_from_starts_a_new_run_from_the_weights():
+    # --init-from: step 0, the checkpoint's EMA weights in model and EMA alike (lr 0 keeps them), a new optimizer;
+    # a run with another class count keeps the shared rows (checkpoint.init_from's own test covers the mapping)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _tiny_data(tmp)
+        train.main(TINY + ["--data", data, "--max-steps", "3", "--out", os.path.join(tmp, "a")])
+        source = _load(os.path.join(tmp, "a", "ckpt.pt"))
+        summary = train.main(TINY + ["--data", data, "--max-steps", "1", "--lr", "0", "--out", os.path.join(tmp, "b"),
+                                     "--init-from", os.path.join(tmp, "a", "ckpt.pt")])
+        new = _load(os.path.join(tmp, "b", "ckpt.pt"))
+        assert summary["step"] == 1 and new["step"] == 1
+        assert _same_state(new["model"], source["ema"], atol=0) and _same_state(new["ema"], source["ema"], atol=0)
+        assert not torch.equal(source["ema"]["x_proj.weight"], source["model"]["x_proj.weight"])  # EMA, not raw
+        log = open(os.path.join(tmp, "b", "train.log")).read()
+        assert f"initialized from {os.path.join(tmp, 'a', 'ckpt.pt')} (ema weights)" in log
+        try:
+            train.main(TINY + ["--data", data, "--out", os.path.join(tmp, "c"), "--init-from",
+                               os.path.join(tmp, "a", "ckpt.pt"), "--patch-size", "4"])
+            raise AssertionError("weights that do not fit must be refused")
+        except ValueError as e:
+            assert "x_proj.weight" in str(e) and "--init-from" in str(e), e

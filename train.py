@@ -11,6 +11,10 @@ captioned data trains the multimodal model of paper Sec. 6). Randomness: micro-b
 generator seeded by (seed, s, m), and epoch e's data order from one seeded by (seed, e). So resuming needs no
 generator state to continue exactly, and 2 ranks x 1 micro-batch compute the same step as 1 rank x 2
 accumulated micro-batches.
+
+What a run writes into --out: train.log, metrics.jsonl (one JSON record per log line and per evaluation, the
+curves of curves.py, OUT/curves.png at each checkpoint; also to TensorBoard or W&B with --tensorboard, --wandb),
+checkpoints and sample grids. --eval-every N measures FID (fid.py) of EMA samples during training.
 """
 import contextlib
 import copy
@@ -29,7 +33,7 @@ import curves
 import fid
 import shapes
 import tokenizer as text_lib
-from checkpoint import check_resumable, read_checkpoint, save_checkpoint
+from checkpoint import check_resumable, init_from, read_checkpoint, save_checkpoint
 from config import parse_config
 from diffusion import Diffusion
 from engine import gather, make_sampler, sample_images, sample_latents, tokens_to_images
@@ -45,6 +49,8 @@ config = dict(
     data="",  # extraction dir of extract_latents.py; "" = the demo: build the shapes data set under OUT/data
     out="out/demo",  # run dir: ckpt.pt (latest), ckpt_<step>.pt, train.log, samples_<step>.png
     resume=False,  # continue OUT/ckpt.pt exactly (step, weights, optimizer, EMA, data order)
+    init_from="",  # a new run (step 0, new optimizer and EMA) from a train.py or authors' checkpoint's weights
+    init_weights="ema",  # --init-from: its ema or model weights
     seed=0,  # seeds the weights and every random draw of training
     # model (model.py)
     size="T",  # T (tiny), S, B, L, XL or H
@@ -253,11 +259,12 @@ def log_line(r, captions):
             f"mem {r['mem_gb']:.2f} GB")
 
 
-def optional_import(module, package, option):
+def optional_import(name):
+    """The optional package of --NAME (--tensorboard, --wandb), or an ImportError saying how to install it."""
     try:
-        return importlib.import_module(module)
+        return importlib.import_module(name)
     except ImportError as e:
-        raise ImportError(f"--{option} needs the {package} package: pip install {package} ({e})") from None
+        raise ImportError(f"--{name} needs the {name} package: pip install {name} ({e})") from None
 
 
 class Metrics:
@@ -279,11 +286,11 @@ class Metrics:
             f.writelines(json.dumps(r) + "\n" for r in self.records)
         os.replace(self.path + ".tmp", self.path)
         if cfg["tensorboard"]:
-            optional_import("tensorboard", "tensorboard", "tensorboard")
+            optional_import("tensorboard")
             from torch.utils.tensorboard import SummaryWriter
             self.tensorboard = SummaryWriter(os.path.join(cfg["out"], "tensorboard"), purge_step=step + 1)
         if cfg["wandb"]:
-            wandb = optional_import("wandb", "wandb", "wandb")
+            wandb = optional_import("wandb")
             self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run"] or self.name, config=cfg,
                                     id=wandb_id, resume="allow" if wandb_id else None, allow_val_change=True,
                                     dir=os.environ.get("WANDB_DIR", cfg["out"]))
@@ -337,9 +344,10 @@ def prepare_fid(cfg, rank, device):
     sampler, and on rank 0 the FID Inception and the reference's mu/sigma (computed once; a file's own are used
     as they are, as ADM does); (sampler, None, None) on the other ranks."""
     path = cfg["eval_ref"]
-    if not path or cfg["eval_samples"] < 2:
-        raise ValueError(f"--eval-every needs --eval-ref (an ADM .npz, or a fid.py --save-stats file) and "
-                         f"--eval-samples >= 2; got {path!r} and {cfg['eval_samples']}")
+    if not path or cfg["eval_samples"] < 2 or cfg["eval_batch_size"] < 1:
+        raise ValueError(f"--eval-every needs --eval-ref (an ADM .npz, or a fid.py --save-stats file), --eval-samples "
+                         f">= 2 and --eval-batch-size >= 1; got {path!r}, {cfg['eval_samples']}, "
+                         f"{cfg['eval_batch_size']}")
     sampler = make_sampler(cfg["eval_steps"], cfg["eval_sampler"], cfg["eta"], cfg["spacing"])
     ref = fid.read_stats(path)  # raises fid.InputError (a ValueError) naming the file
     if "mu" not in ref:
@@ -385,9 +393,10 @@ def evaluate_fid(ema, vae, data, tokenizer, sampler, inception, ref, cfg, dtype,
     else:
         images = torch.linspace(0, len(data) - 1, min(n, len(data))).round().long()
         cond = dict(prompts=[data.captions[int(i)][0] for i in images], tokenizer=tokenizer)
-    samples, labels, index = sample_images(ema, vae, data.scale_factor, n, diffusion=sampler, cfg_scale=cfg["cfg_scale"],
-                                           seed=cfg["seed"], batch_size=cfg["eval_batch_size"], dtype=dtype,
-                                           rank=rank, world_size=world, **cond)
+    samples, labels, index = sample_images(ema, vae, data.scale_factor, n, diffusion=sampler,
+                                           cfg_scale=cfg["cfg_scale"], seed=cfg["seed"],
+                                           batch_size=cfg["eval_batch_size"], dtype=dtype, rank=rank,
+                                           world_size=world, **cond)
     samples, _ = gather(samples, labels, index, rank, world, cfg["out"])
     if rank > 0:
         return None
@@ -426,6 +435,12 @@ def train(cfg, rank, world, device):
         step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
         changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v}
         log(f"resuming {ckpt_path} at step {step}; options changed since (was, now): {changed}")
+    elif cfg["init_from"]:  # someone's weights: other classes and grids carried over (checkpoint.init_from)
+        if cfg["init_weights"] not in ("ema", "model"):
+            raise ValueError(f"--init-weights must be ema or model, got {cfg['init_weights']!r}")
+        notes = init_from(model, cfg["init_from"], use_ema=cfg["init_weights"] == "ema")
+        ema.load_state_dict(model.state_dict())
+        log(f"initialized from {cfg['init_from']} ({cfg['init_weights']} weights)" + "".join(f"; {n}" for n in notes))
     # the metrics of the run so far (none past the checkpoint) and its loggers; the VAE: rank 0 draws the grids,
     # every rank samples for FID
     metrics = Metrics(cfg, rank, step, wandb_id)

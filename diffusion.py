@@ -18,7 +18,8 @@ import torch
 
 SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
 SPACINGS = ("uniform", "trailing", "logsnr")
-# the timesteps each fast sampler visits by default, to be set by measurement (ddpm: always ADM's uniform)
+# the timesteps each fast sampler visits by default: trailing scored best of the three on the class demo (README,
+# "Fast sampling"); ddpm always takes ADM's uniform respacing, the paper's
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++": "trailing", "dpm++sde": "trailing"}
 
 

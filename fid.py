@@ -260,11 +260,20 @@ def _npz_batches(path, batch_size):
             yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(n, *shape[1:])  # (n, H, W, 3)
 
 
+def _open_image(path, decode):
+    """An image file's (H, W, 3) uint8 pixels (decode) or its (H, W, 3) shape from the header alone."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")) if decode else (img.height, img.width, 3)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for a file it cannot read
+        raise InputError(f"{path}: not a readable image ({e})") from None
+
+
 def _folder_batches(path, files, shape, batch_size):
     for i in range(0, len(files), batch_size):
         images = []
         for name in files[i:i + batch_size]:
-            image = np.asarray(Image.open(os.path.join(path, name)).convert("RGB"))  # (H, W, 3) uint8
+            image = _open_image(os.path.join(path, name), decode=True)  # (H, W, 3) uint8
             if image.shape != shape:
                 raise InputError(f"{os.path.join(path, name)}: shape {image.shape}, the first image is {shape}")
             images.append(image)
@@ -280,7 +289,11 @@ def read_images(source, batch_size):
         files = sorted(f for f in os.listdir(source) if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if not files:
             raise InputError(f"{source}: no .png/.jpg images in this folder")
-        shape = np.asarray(Image.open(os.path.join(source, files[0])).convert("RGB")).shape
+        shape = _open_image(os.path.join(source, files[0]), decode=True).shape
+        for name in files[1:]:  # every header, before any network pass: a bad file fails now, not minutes later
+            if _open_image(os.path.join(source, name), decode=False) != shape:
+                raise InputError(f"{os.path.join(source, name)}: shape {_open_image(os.path.join(source, name), False)}"
+                                 f", the first image is {shape}")
         _check_images(source, (len(files), *shape), np.dtype(np.uint8))
         return len(files), _folder_batches(source, files, shape, batch_size)
     if "arr_0" not in _npz_keys(source):
@@ -468,4 +481,4 @@ if __name__ == "__main__":
     try:
         main()
     except (InputError, ConfigError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"fid.py: error: {e}")

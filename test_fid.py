@@ -274,6 +274,15 @@ def test_fid_reads_npz_streaming_and_folders():
         np.savez(os.path.join(tmp, "stats.npz"), mu=np.zeros(4), sigma=np.eye(3))
         _raises(fid.InputError, lambda: fid.read_stats(os.path.join(tmp, "stats.npz")), "stats.npz", "sigma")
         _raises(fid.InputError, lambda: fid.read_images(os.path.join(tmp, "stats.npz"), 2), "stats.npz", "arr_0")
+        # a folder with a file that is not an image, or of another size: named before any image is decoded
+        open(os.path.join(folder, "00003.png"), "wb").write(b"not a png")
+        _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "not a readable image")
+        Image.fromarray(images[0, :8]).save(os.path.join(folder, "00003.png"))
+        _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "(8, 9, 3)", "(12, 9, 3)")
+        # a truncated .npz (its zip directory lost) and a file that is no .npz at all
+        truncated = os.path.join(tmp, "truncated.npz")
+        open(truncated, "wb").write(open(os.path.join(tmp, "savez.npz"), "rb").read()[:300])
+        _raises(fid.InputError, lambda: fid.read_images(truncated, 2), "truncated.npz", "neither an .npz")
 
 
 def test_fid_main_end_to_end():

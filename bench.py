@@ -25,6 +25,7 @@ import copy
 import functools
 import json
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -58,7 +59,7 @@ config = dict(
     warmup=2,  # untimed training steps first
     sample_repeats=3,  # timed sampling runs per (scale, S), after a two-DDPM-step warm-up (the median is reported)
     steps=25,  # DDPM steps of the sampling benchmark (paper: 250)
-    samplers=(),  # fast samplers to time beside DDPM, as NAME:STEPS (e.g. ddim:50 dpm++:20; see sample.py --sampler)
+    samplers=(),  # fast samplers to time beside DDPM: NAME:STEPS[:eta=E][:spacing=S], e.g. ddim:50 dpm++:20
     ar_steps=(1, 4, 16, 64, 0),  # AR steps S to sample with (0 = L, token by token)
     sample_scales=(1.0, 1.5),  # CFG scales of the sampling runs (1 = no guidance, one batch; > 1 a doubled one)
     peak_tflops=0.0,  # device bf16 peak for MFU; 0 = from the GPU's name (H100 SXM 989, PCIe 756, A100 312)
@@ -206,16 +207,25 @@ def bench_train(cfg, device, amp):
     return results
 
 
+def parse_sampler(spec, option):
+    """NAME:STEPS[:eta=E][:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing) -> its sampler."""
+    name, _, rest = spec.partition(":")
+    steps, *extras = rest.split(":")
+    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_sampler's error
+    for item in extras:
+        key, _, value = item.partition("=")
+        if key not in ("eta", "spacing"):
+            raise ValueError(f"{option} {spec!r}: expected NAME:STEPS[:eta=E][:spacing=S], e.g. dpm++:20")
+        options[key] = float(value) if key == "eta" else value
+    return make_sampler(**options)
+
+
 def bench_sample(cfg, device, dtype):
     model = build_model(cfg, device).eval()
     n, L = cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
-    samplers = {f"ddpm-{cfg['steps']}": make_sampler(cfg["steps"])}
-    for spec in cfg["samplers"]:
-        name, _, steps = spec.partition(":")
-        if not steps.isdigit():
-            raise ValueError(f"--samplers {spec!r}: expected NAME:STEPS, e.g. dpm++:20")
-        samplers[f"{name}-{steps}"] = make_sampler(int(steps), name)
+    samplers = [make_sampler(cfg["steps"])] + [parse_sampler(spec, "--samplers") for spec in cfg["samplers"]]
+    samplers = {f"{d.sampler}-{len(d.timesteps)}": d for d in samplers}
     runs = {}
     for sampler, diffusion in samplers.items():
         for scale in cfg["sample_scales"]:
@@ -232,19 +242,6 @@ def bench_sample(cfg, device, dtype):
     return rows
 
 
-def parse_run(spec):
-    """NAME:STEPS[:eta=E][:spacing=S] -> (sample.py's sampler options, make_sampler of them)."""
-    name, _, rest = spec.partition(":")
-    steps, *extras = rest.split(":")
-    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_sampler's error
-    for item in extras:
-        key, _, value = item.partition("=")
-        if key not in ("eta", "spacing"):
-            raise ValueError(f"--quality-runs {spec!r}: expected NAME:STEPS[:eta=E][:spacing=S]")
-        options[key] = float(value) if key == "eta" else value
-    return options, make_sampler(**options)
-
-
 def pixel_stats(images):
     """Mean and covariance of uint8 images (N, H, W, 3) as vectors in [0, 1]: float64."""
     x = images.reshape(len(images), -1).astype(np.float64) / 255
@@ -253,6 +250,8 @@ def pixel_stats(images):
 
 def bench_quality(cfg, device, dtype):
     """{(run, S): dict(fd, fd_spread, nn_accuracy, seconds, ...)} and the real images' FD floor (see the top)."""
+    if not cfg["ckpt"]:
+        raise ValueError("--what quality needs --ckpt: a checkpoint of the class demo (python train.py)")
     model, meta = load_checkpoint(cfg["ckpt"])
     if meta["vae"] != "none" or meta["num_classes"] != len(shapes.SHAPES):
         raise ValueError(f"--ckpt {cfg['ckpt']}: --what quality scores the class demo's pixels; train it with "
@@ -267,7 +266,7 @@ def bench_quality(cfg, device, dtype):
     print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}")
     results, vae = {}, build_vae("none")
     for spec in cfg["quality_runs"]:
-        options, diffusion = parse_run(spec)
+        diffusion = parse_sampler(spec, "--quality-runs")
         for S in cfg["quality_ar_steps"]:
             scores, accs, seconds = [], [], []
             for seed in seeds:
@@ -331,4 +330,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad options or files: the message names them
+        sys.exit(f"bench.py: error: {e}")

@@ -227,7 +227,7 @@ def caption_images(model, tokens, tokenizer, temperature=0.0, top_k=0, generator
         if done.all():
             break
     rows = torch.cat(out, 1).tolist()
-    return [tokenizer.decode(row[:row.index(tokenizer.eos)] if tokenizer.eos in row else row) for row in rows]
+    return text_lib.detokenize(tokenizer, rows)
 
 
 # ------------------------------------------------------------------------------------------ images <-> tokens

@@ -377,13 +377,6 @@ def evaluate(model, data, batch_size, device, amp, rank, world):
     return (correct / total).item()
 
 
-def decode_captions(ids, tok):
-    """Greedy ids (N, T) from BOS -> N strings, each cut at its first EOS."""
-    rows = ids[:, 1:].tolist()
-    return [tok.decode(row[:row.index(tok.eos)] if tok.eos in row else row) for row in rows]
-
-
-@torch.no_grad()
 def evaluate_captions(model, data, tok, batch_size, device, amp, rank, world):
     """(corpus CIDEr-D, {index: caption}) of greedy captions of the held-out data (mean latents, no flip) against all
     of each image's captions; the images are split over the ranks, the captions gathered, every rank scores."""
@@ -394,7 +387,7 @@ def evaluate_captions(model, data, tok, batch_size, device, amp, rank, world):
         stop = min(start + batch_size, len(data))
         with amp:
             ids = model.caption(mean_latents(data, start, stop).to(device), tok.bos, tok.eos)  # (B, T)
-        mine.update(zip(range(start, stop), decode_captions(ids, tok)))
+        mine.update(zip(range(start, stop), text_lib.detokenize(tok, ids[:, 1:].tolist())))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)

@@ -160,3 +160,8 @@ def tokenize(tok, captions, length):
     inside = (col >= 1) & (col < lengths[:, None] - 1)  # (N, length): the caption's slots, row-major = rows' order
     ids[inside] = np.fromiter(itertools.chain.from_iterable(rows), np.int64)  # numpy: ~10x faster than lists
     return torch.from_numpy(ids), torch.from_numpy(lengths), truncated
+
+
+def detokenize(tok, rows):
+    """Generated ids (lists, after BOS) -> strings, each cut at its first EOS: the inverse of tokenize's rows."""
+    return [tok.decode(row[:row.index(tok.eos)] if tok.eos in row else row) for row in rows]

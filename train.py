@@ -13,7 +13,7 @@ generator state to continue exactly, and 2 ranks x 1 micro-batch compute the sam
 accumulated micro-batches.
 
 What a run writes into --out: train.log, metrics.jsonl (one JSON record per log line and per evaluation, the
-curves of curves.py, OUT/curves.png at each checkpoint; also to TensorBoard or W&B with --tensorboard, --wandb),
+curves of plots.py, OUT/curves.png at each checkpoint; also to TensorBoard or W&B with --tensorboard, --wandb),
 checkpoints and sample grids. --eval-every N measures FID (fid.py) of EMA samples during training.
 """
 import contextlib
@@ -29,7 +29,6 @@ import time
 import torch
 import torch.distributed as dist
 
-import curves
 import fid
 import shapes
 import tokenizer as text_lib
@@ -40,6 +39,7 @@ from engine import gather, make_sampler, sample_images, sample_latents, tokens_t
 from images import save_grid
 from latents import LatentData
 from model import CausalFusion
+from plots import draw_curves, read_metrics
 from runtime import autocast, autocast_dtype, launch, seeded, step_indices
 from training import draw_micro_batch, ema_update, forward_losses
 from vae import build_vae
@@ -281,7 +281,7 @@ class Metrics:
         if rank > 0:
             return
         if os.path.exists(self.path):
-            self.records = [r for r in curves.read_metrics(self.path) if r["step"] <= step]
+            self.records = [r for r in read_metrics(self.path) if r["step"] <= step]
         with open(self.path + ".tmp", "w") as f:  # the records kept, written whole, then renamed
             f.writelines(json.dumps(r) + "\n" for r in self.records)
         os.replace(self.path + ".tmp", self.path)
@@ -316,9 +316,9 @@ class Metrics:
             self.wandb.log(self.scalars(record), step=record["step"])
 
     def draw(self, path):
-        """The run's curves (curves.py) into path."""
+        """The run's curves (plots.py) into path."""
         if self.rank == 0:
-            curves.draw_curves({self.name: self.records}, path)
+            draw_curves({self.name: self.records}, path)
 
     def close(self):
         if self.tensorboard is not None:

@@ -101,6 +101,12 @@ def load_checkpoint(path, use_ema=True, vae=None):
 def check_resumable(ckpt, path, model_config, data_info, tokenizer):
     """Refuse (with the differences) a train.py checkpoint whose model, latent format or tokenizer is not this
     run's."""
+    if tokenizer is not None:  # first: another tokenizer also means another text vocabulary in the model config
+        theirs, ours = ckpt.get("tokenizer", {}), tokenizer.state()
+        if (theirs.get("kind"), theirs.get("sha256")) != (ours["kind"], ours.get("sha256")):
+            raise ValueError(f"--resume: {path} was trained with another tokenizer (checkpoint: {theirs.get('kind')} "
+                             f"{theirs.get('sha256', '')}, this run: {ours['kind']} {ours.get('sha256', '')}); pass "
+                             f"the original --tokenizer or --learn-tokenizer")
     data_keys = ("vae", "scale_factor", "latent_shape", "num_classes")  # what the weights depend on
     for what, theirs, ours, keys in (("data", ckpt["data"], data_info, data_keys),
                                      ("model", ckpt["model_config"], model_config, model_config)):
@@ -108,12 +114,6 @@ def check_resumable(ckpt, path, model_config, data_info, tokenizer):
         if diff:
             raise ValueError(f"--resume: {path} was trained with another {what} configuration; (checkpoint, this "
                              f"run): {diff}. Resume with the original options, or use a new --out.")
-    if tokenizer is not None:
-        theirs, ours = ckpt.get("tokenizer", {}), tokenizer.state()
-        if (theirs.get("kind"), theirs.get("sha256")) != (ours["kind"], ours.get("sha256")):
-            raise ValueError(f"--resume: {path} was trained with another tokenizer (checkpoint: {theirs.get('kind')} "
-                             f"{theirs.get('sha256', '')}, this run: {ours['kind']} {ours.get('sha256', '')}); pass "
-                             f"the original --tokenizer")
 
 
 def init_from(model, path, use_ema=True):

@@ -2,10 +2,13 @@
 
     classes  (train.py --demo classes): 10 shapes, one class each (draw_shapes, build_demo_data)
     captions (train.py --demo captions): shape, colour, size and position varied independently and described by
-             a caption, "a small red star in the top left"; some (shape, colour) pairs are held out of training
+             a caption, "a small red bar in the top left"; some (shape, colour) pairs are held out of training
              to test composition (draw_captioned, build_caption_demo_data). measure / nearest_shape read the
              attributes back from pixels, to score text-to-image samples without a trained classifier.
-evaluate_class_demo and evaluate_caption_demo are train.py's closing figures of the two demos.
+    combinations (train.py --demo combinations): the same images, one class per (shape, colour, size, position)
+             combination: the yardstick of the text path, what a model does when the condition is given whole
+             (build_combination_demo_data).
+evaluate_class_demo, evaluate_caption_demo and evaluate_combination_demo are train.py's closing figures.
 
 All randomness comes from seeded numpy Generators, so every rank and every run draws the same data.
 """
@@ -87,15 +90,16 @@ def build_demo_data(root, size, per_class, seed, rank):
 
 
 # ------------------------------------------------------------------------------------------ captioned demo
-# Shapes that stay distinct at a few pixels: a small shape is ~5 px wide at --demo-image-size 24, where the
-# ring, frame and bar of the class demo blur into a disc, a square or a dash, and diamond/x into circle/plus.
-SHAPE_NAMES = ("circle", "square", "triangle", "plus", "star")
+# Shapes whose silhouettes differ at a few pixels: a small shape is ~4 px wide at --demo-image-size 16, where the
+# ring and frame of the class demo blur into a disc or a square and diamond/x into circle/plus, and the demo's
+# model drew the star as a disc; the bar, a dash, keeps its outline.
+SHAPE_NAMES = ("circle", "square", "triangle", "plus", "bar")
 COLOURS = {"red": 0, "yellow": 55, "green": 125, "blue": 225}  # hue in degrees: >= 55 apart, jitter is +-8
-SIZES = {"small": (0.17, 0.21), "large": (0.32, 0.36)}  # half the bounding-box side, in quadrant sides
-SIZE_THRESHOLD = 0.53  # measured bounding-box side (in quadrant sides) above which a shape is large
+SIZES = {"small": (0.22, 0.26), "large": (0.40, 0.44)}  # half the bounding-box side, in quadrant sides
+SIZE_THRESHOLD = 0.66  # measured bounding-box side (in quadrant sides) above which a shape is large
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}  # quadrant
-JITTER = 0.05  # centre offset from the quadrant's centre, in quadrant sides: large shapes keep >= 0.09 margin
-HALF_EXTENT = {"square": 0.8, "triangle": 0.95, "star": 0.95}  # half bounding box of SHAPES' drawing (else 1)
+JITTER = 0.04  # centre offset from the quadrant's centre, in quadrant sides: large shapes keep >= 0.02 margin
+HALF_EXTENT = {"square": 0.8, "triangle": 0.95}  # half bounding box of SHAPES' drawing (else 1)
 VALUES = {"shape": SHAPE_NAMES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
 CHANCE = {k: 1 / len(VALUES[k]) for k in ("colour", "position", "size", "shape")}
 # (shape i, colour i mod 4) never appears in training, in any size or position: 5 of the 20 pairs, and every
@@ -140,6 +144,22 @@ def draw_captioned(attrs, size, seed):
         SHAPES[a["shape"]][1](ImageDraw.Draw(img), lambda *pts: [(cx + r * x, cy + r * y) for x, y in pts], r, colour)
         images.append(np.asarray(img.resize((size, size), Image.LANCZOS)))
     return np.stack(images)
+
+
+def class_name(attrs):
+    """The class folder of a combination: its caption with underscores, "a_small_red_bar_in_the_top_left"."""
+    return caption(attrs).replace(" ", "_")
+
+
+def build_combination_demo_data(root, size, count, seed, rank):
+    """build_caption_demo_data's images as an ImageFolder under root/images, one class folder per combination
+    (class_name), extracted (pixel space) into root/latents; returns that directory."""
+    def write(folder):
+        attrs = random_attrs(count, seed, held_out=False)
+        for i, (image, a) in enumerate(zip(draw_captioned(attrs, size, seed), attrs)):
+            os.makedirs(os.path.join(folder, class_name(a)), exist_ok=True)
+            Image.fromarray(image).save(os.path.join(folder, class_name(a), f"{i:05d}.png"))
+    return _write_and_extract(root, size, rank, write)
 
 
 def build_caption_demo_data(root, size, count, seed, rank):
@@ -217,18 +237,30 @@ def nearest_shape(images, train_images, train_attrs):
     return [train_attrs[i]["shape"] if found else None for i, found in zip(nearest, a.any(1).tolist())]
 
 
+def _accuracy(found, attrs):
+    """Share of found attribute dicts matching attrs (N dicts) in each attribute, and in all four at once."""
+    right = np.array([[f[k] == a[k] for k in CHANCE] for f, a in zip(found, attrs)])  # (N, 4)
+    return {**{k: float(v) for k, v in zip(CHANCE, right.mean(0))}, "all": float(right.all(1).mean())}
+
+
 def t2i_accuracy(images, attrs, train_images, train_attrs):
-    """Share of images (N, H, W, 3) whose measured colour, position, size and shape match attrs (N dicts)."""
+    """Share of images (N, H, W, 3) whose measured colour, position, size and shape match attrs (N dicts), and
+    all four at once."""
     found = measure(images)
     for f, s in zip(found, nearest_shape(images, train_images, train_attrs)):
         f["shape"] = s
-    return {k: float(np.mean([f[k] == a[k] for f, a in zip(found, attrs)])) for k in CHANCE}
+    return _accuracy(found, attrs)
 
 
 def caption_accuracy(texts, attrs):
-    """Share of texts (N captions) naming each attribute of attrs (N dicts) right (and no other value of it)."""
-    found = [parse_caption(t) for t in texts]
-    return {k: float(np.mean([f[k] == a[k] for f, a in zip(found, attrs)])) for k in CHANCE}
+    """Share of texts (N captions) naming each attribute of attrs (N dicts) right (and no other value of it), and
+    all four at once."""
+    return _accuracy([parse_caption(t) for t in texts], attrs)
+
+
+def _chance(names):
+    return "(chance " + ", ".join(f"{CHANCE[k]:.2f}" if k in CHANCE else f"{math.prod(CHANCE.values()):.3f}"
+                                  for k in names) + ")"
 
 
 # ------------------------------------------------------------------------------------------ evaluating the demos
@@ -256,7 +288,7 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, diffusion, autocast, l
     n, size, seed = cfg["eval_per_class"], data.latent_shape[1], cfg["seed"]
     train_images = pixel_images(data)
     train_attrs = [parse_caption(c[0]) for c in data.captions]
-    summary, chance = {}, CHANCE
+    summary = {}
     for group, held_out in (("seen", False), ("held_out", True)):
         attrs = random_attrs(n, seed + 2, held_out)
         with autocast:
@@ -265,8 +297,7 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, diffusion, autocast, l
         images = tokens_to_images(tokens, ema, vae, data.scale_factor)
         summary[f"t2i_{group}"] = t2i_accuracy(images, attrs, train_images, train_attrs)
         log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary[f"t2i_{group}"].items()) + " (chance " +
-            ", ".join(f"{chance[k]:.2f}" for k in summary[f"t2i_{group}"]) + ")")
+            f"{k} {v:.2f}" for k, v in summary[f"t2i_{group}"].items()) + " " + _chance(summary[f"t2i_{group}"]))
     for group, held_out in (("seen", False), ("held_out", True)):  # fresh images of either kind of combination
         attrs = random_attrs(n, seed + 3, held_out)
         images = draw_captioned(attrs, size, seed + 3)
@@ -277,6 +308,25 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, diffusion, autocast, l
             f"{k} {v:.2f}" for k, v in summary[f"captions_{group}"].items()))
         log("  e.g. " + "; ".join(f"{caption(a)!r} -> {t!r}" for a, t in list(zip(attrs, texts))[:3]))
     return summary
+
+
+@torch.no_grad()
+def evaluate_combination_demo(ema, cfg, data, vae, diffusion, autocast, log):
+    """train.py's closing figure of --demo combinations: evaluate_caption_demo's text-to-image accuracy for the
+    same seen prompts, given as their combination's class (held-out combinations have none)."""
+    index = {name: k for k, name in enumerate(data.class_names)}
+    # evaluate_caption_demo's seen prompts, less any combination that a small --demo-images never drew
+    attrs = [a for a in random_attrs(cfg["eval_per_class"], cfg["seed"] + 2, held_out=False) if class_name(a) in index]
+    n, seed = len(attrs), cfg["seed"]
+    with autocast:
+        tokens = sample_latents(ema, diffusion, seed + 1, labels=torch.tensor([index[class_name(a)] for a in attrs]),
+                                cfg_scale=cfg["cfg_scale"])
+    images = tokens_to_images(tokens, ema, vae, data.scale_factor)
+    train_attrs = [parse_caption(data.class_names[k].replace("_", " ")) for k in data.labels.tolist()]
+    accuracy = t2i_accuracy(images, attrs, pixel_images(data), train_attrs)
+    log(f"class-to-image, {n} seen combinations: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + " "
+        + _chance(accuracy))
+    return {"c2i_seen": accuracy}
 
 
 def evaluate_class_demo(ema, cfg, data, diffusion, autocast, log):

@@ -119,6 +119,42 @@ def test_tokenizer_tiktoken_bpe_file():
             raise AssertionError("a tokenizer file that does not match its sha256 was accepted")
 
 
+def test_tokenizer_learned_bpe():
+    # a byte-level BPE learned from captions: each frequent word one token, any text round-trips, deterministic,
+    # through a checkpoint with weights_only=True, and told apart from another one learned elsewhere
+    captions = [f"a {s} {c} shape" for s in ("small", "large") for c in ("red", "yellow", "green")] * 20
+    tok = tokenizer.learn_bpe(captions, 400)
+    assert tok.kind == "bpe" and (tok.bos, tok.eos) == (0, 1) and 258 < tok.vocab_size <= 400
+    pieces = [tok.tok.id_to_token(i) for i in tok.encode("a large yellow shape")]
+    assert pieces == ["a", "\u0120large", "\u0120yellow", "\u0120shape"], pieces  # \u0120: GPT-2's byte of a space
+    for text in ("a large yellow shape", "héllo wörld 🐱, <|eos|> and all", ""):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text and all(2 <= i < tok.vocab_size for i in ids), (text, ids)
+    assert len(tok.encode("a purple shape")) > 4  # an unseen word: several byte tokens, not an unknown token
+    again = tokenizer.learn_bpe(captions, 400)
+    assert again.json == tok.json and again.sha256 == tok.sha256
+    ids, lengths, truncated = tokenizer.tokenize(tok, ["a small red shape", "a large yellow"], 6)
+    assert ids[:, 0].eq(0).all() and lengths.tolist() == [6, 5] and truncated == 0 and ids[1, 4:].eq(1).all()
+    buf = io.BytesIO()
+    torch.save({"tokenizer": tok.state()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["tokenizer"]
+    assert tokenizer.from_state(state).encode("a small green shape") == tok.encode("a small green shape")
+    assert tokenizer.learn_bpe(captions[:7], 400).sha256 != tok.sha256
+    try:
+        tokenizer.check_same(state, __file__)  # a file given at sampling time is not a learned BPE
+    except ValueError as e:
+        assert "learned from its captions" in str(e), str(e)
+    else:
+        raise AssertionError("a --tokenizer file was accepted for a learned BPE")
+    try:
+        tokenizer.learn_bpe(captions, 257)
+    except ValueError as e:
+        assert "--learn-tokenizer 257" in str(e) and "258" in str(e), str(e)
+    else:
+        raise AssertionError("a vocabulary smaller than the byte alphabet was accepted")
+
+
 def test_tokenizer_bad_files():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "tokenizer.model")

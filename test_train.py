@@ -216,6 +216,32 @@ def test_demo_loss_falls_and_writes_outputs():
         assert summary["nn_accuracy_real"] >= 0.9  # fresh real images: their nearest training image is same-class
 
 
+def test_caption_demo_and_its_yardstick_run_end_to_end():
+    # --demo captions (with a learned BPE) and --demo combinations, its class-conditional yardstick on the same
+    # images: their closing figures, each attribute and all four at once
+    with tempfile.TemporaryDirectory() as tmp:
+        common = TINY[:-2] + ["--demo-image-size", "16", "--demo-images", "64", "--max-steps", "3", "--flip", "false",
+                              "--eval-per-class", "4"]
+        text = train.main(common + ["--demo", "captions", "--learn-tokenizer", "400", "--text-len", "10",
+                                    "--out", os.path.join(tmp, "t")])
+        yardstick = train.main(common + ["--demo", "combinations", "--out", os.path.join(tmp, "c")])
+        keys = {"colour", "position", "size", "shape", "all"}
+        for figures in (text["t2i_seen"], text["t2i_held_out"], text["captions_seen"], yardstick["c2i_seen"]):
+            assert set(figures) == keys and all(0 <= v <= 1 for v in figures.values()), figures
+            assert figures["all"] <= min(figures[k] for k in keys - {"all"})
+        ckpt = _load(os.path.join(tmp, "c", "ckpt.pt"))
+        assert ckpt["data"]["num_classes"] == len(set(ckpt["data"]["class_names"])) > 10 and "tokenizer" not in ckpt
+        log = open(os.path.join(tmp, "c", "train.log")).read()
+        assert re.search(r"class-to-image, [1-4] seen combinations: colour", log), log
+        assert _load(os.path.join(tmp, "t", "ckpt.pt"))["tokenizer"]["kind"] == "bpe"
+        try:
+            train.main(common + ["--demo", "combination", "--out", os.path.join(tmp, "x")])
+        except ValueError as e:
+            assert "combinations" in str(e), str(e)
+        else:
+            raise AssertionError("--demo combination was accepted")
+
+
 def test_checkpoint_of_other_size_or_latent_shape_is_refused():
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")
@@ -299,6 +325,20 @@ def test_captioned_run_resumes_bit_identical_and_logs_both_losses():
         # Transfusion: one diffusion step per example, no clean tokens; a checkpoint of another tokenizer is refused
         summary = train.main(args[:-6] + ["--max-steps", "2", "--transfusion", "--out", os.path.join(tmp, "c")])
         assert len(summary["losses"]) == 2 and _load(os.path.join(tmp, "c", "ckpt.pt"))["model_config"]["text_sees_noisy"]
+        # a BPE learned from the captions: in the checkpoint, learned again alike on resume, required there
+        learned = ["--learn-tokenizer", "400", "--out", os.path.join(tmp, "d")]
+        train.main(args[:-6] + ["--max-steps", "2"] + learned)
+        state = _load(os.path.join(tmp, "d", "ckpt.pt"))["tokenizer"]
+        tok = text_lib.from_state(state)
+        assert state["kind"] == "bpe" and _load(os.path.join(tmp, "d", "ckpt.pt"))["model_config"]["text_vocab"] == \
+            tok.vocab_size < 400 and len(tok.encode("one triangle only")) == 3  # a token per word
+        assert train.main(args + learned + ["--resume"])["step"] == 4
+        try:
+            train.main(args + ["--out", os.path.join(tmp, "d"), "--resume"])
+        except ValueError as e:
+            assert "--learn-tokenizer" in str(e) and "bpe" in str(e), str(e)
+        else:
+            raise AssertionError("a run of the byte tokenizer resumed a checkpoint of a learned one")
 
 
 def test_single_step_runs_leave_out_the_clean_tokens():

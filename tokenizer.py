@@ -2,16 +2,20 @@
 
     tok = build_tokenizer("")                     # ByteTokenizer: UTF-8 bytes 0..255, bos 256, eos 257
     tok = build_tokenizer("llama3/tokenizer.model")  # TiktokenTokenizer: LLaMA-3 BPE, 128,000 ranks + 256 specials
+    tok = learn_bpe(captions, 512)                # BPETokenizer: a byte-level BPE learned from the captions
     ids, lengths, truncated = tokenize(tok, ["a cat", "a dog"], 35)  # (N, 35) rows [bos, tokens..., eos, pad...]
 
 - ByteTokenizer needs no file: every UTF-8 byte is a token (vocab 258), so any caption round-trips.
 - TiktokenTokenizer reads Meta's LLaMA-3 `tokenizer.model` (a tiktoken BPE file, one `base64(bytes) rank` line per
   token) and adds the 256 LLaMA-3 special tokens as Meta's llama3 tokenizer.py does; tiktoken is imported only here.
+- BPETokenizer is a byte-level BPE (GPT-2's byte alphabet, so any caption round-trips) learned from the training
+  captions by Hugging Face's `tokenizers` (imported only then): on custom data without the LLaMA-3 file, it makes
+  each frequent word one token, as LLaMA-3's BPE does, instead of a run of bytes the model must learn to spell.
 
 A row is [bos, caption tokens..., eos] padded with eos to a fixed length; the padding is never attended (`lengths`
 counts the real tokens, BOS and EOS included). `tok.state()` goes into the checkpoint: for the LLaMA-3 tokenizer it
-holds the whole file (2 MB) and its sha256, so a checkpoint samples without the file and a --tokenizer given at
-sampling time can be checked against the one it was trained with (`check_same`).
+holds the whole file (2 MB) and its sha256, for a learned BPE its JSON and sha256, so a checkpoint samples without
+the file and a --tokenizer given at sampling time can be checked against the one it was trained with (`check_same`).
 """
 import base64
 import binascii
@@ -110,6 +114,59 @@ class TiktokenTokenizer:
                 "file": torch.frombuffer(bytearray(self.data), dtype=torch.uint8)}
 
 
+BPE_BOS, BPE_EOS = "<|bos|>", "<|eos|>"  # a learned BPE's special tokens, ids 0 and 1
+BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte: a vocabulary below 256 + 2 specials learns nothing
+
+
+def _import_tokenizers():
+    try:
+        import tokenizers  # optional: only --learn-tokenizer needs it
+    except ImportError:
+        raise ImportError("--learn-tokenizer needs Hugging Face's tokenizers: pip install tokenizers") from None
+    return tokenizers
+
+
+class BPETokenizer:
+    """A byte-level BPE of Hugging Face's tokenizers, from its JSON (learn_bpe's, or a checkpoint's)."""
+    kind = "bpe"
+
+    def __init__(self, json_text):
+        self.json = json_text
+        self.sha256 = hashlib.sha256(json_text.encode()).hexdigest()
+        self.tok = _import_tokenizers().Tokenizer.from_str(json_text)
+        self.tok.encode_special_tokens = True  # captions are plain text: "<|eos|>" in one is just characters
+        self.bos, self.eos = self.tok.token_to_id(BPE_BOS), self.tok.token_to_id(BPE_EOS)
+        self.vocab_size = self.tok.get_vocab_size()
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode([i for i in ids if i not in (self.bos, self.eos)])
+
+    def state(self):
+        return {"kind": "bpe", "sha256": self.sha256, "json": self.json}
+
+
+def learn_bpe(captions, vocab_size):
+    """A byte-level BPE of at most vocab_size ids (BOS and EOS included) learned from captions (an iterable of str),
+    as GPT-2's: whitespace-led words, merges never across words. Deterministic: every rank learns the same one."""
+    if vocab_size < BYTE_ALPHABET + 2:
+        raise ValueError(f"--learn-tokenizer {vocab_size}: a byte-level BPE needs at least {BYTE_ALPHABET + 2} ids "
+                         f"(256 bytes, BOS, EOS)")
+    tk = _import_tokenizers()
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_BOS, BPE_EOS], show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(captions, trainer)
+    return BPETokenizer(tok.to_str())
+
+
 def build_tokenizer(path):
     """"" or None -> ByteTokenizer; else the LLaMA-3 tokenizer.model at `path`."""
     if not path:
@@ -123,9 +180,10 @@ def from_state(state):
     """Rebuild the tokenizer saved by tok.state() (e.g. from a checkpoint loaded with weights_only=True)."""
     if state["kind"] == "bytes":
         return ByteTokenizer()
-    if state["kind"] != "tiktoken":
+    if state["kind"] not in ("tiktoken", "bpe"):
         raise ValueError(f"unknown tokenizer kind {state['kind']!r} in the checkpoint")
-    tok = TiktokenTokenizer(state["file"].numpy().tobytes())
+    tok = (BPETokenizer(state["json"]) if state["kind"] == "bpe" else
+           TiktokenTokenizer(state["file"].numpy().tobytes()))
     if tok.sha256 != state["sha256"]:
         raise ValueError(f"the checkpoint's tokenizer file is corrupt: sha256 {tok.sha256} != {state['sha256']}")
     return tok
@@ -140,7 +198,8 @@ def check_same(state, path):
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
     if state["kind"] != "tiktoken" or state["sha256"] != sha:
-        trained = "the byte tokenizer" if state["kind"] == "bytes" else f"a file with sha256 {state.get('sha256')}"
+        trained = {"bytes": "the byte tokenizer", "bpe": "a BPE learned from its captions"}.get(
+            state["kind"], f"a file with sha256 {state.get('sha256')}")
         raise ValueError(f"--tokenizer {path} (sha256 {sha}) is not the tokenizer the checkpoint was trained with "
                          f"({trained})")
 

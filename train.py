@@ -2,6 +2,7 @@
 
     python train.py                                              # the demo: built-in shapes, tiny model, CPU
     python train.py --demo captions --flip false ...            # the captioned demo (README: its command)
+    python train.py --demo combinations --flip false ...        # its yardstick: the same images, one class each
     python train.py --data latents/in256_sd --size L --out runs/L ...               # one GPU
     torchrun --nproc_per_node=8 train.py --data latents/in256_sd --size L ...      # DDP over 8 GPUs
 
@@ -73,6 +74,8 @@ config = dict(
     flip=True,  # random horizontal flips (paper); false for captions that name left and right
     # multimodal model (paper Sec. 6, Table 11): trained when --data holds captions (metadata.jsonl)
     tokenizer="",  # "" = byte-level UTF-8; PATH = LLaMA-3's tokenizer.model (needs `pip install tiktoken`)
+    learn_tokenizer=0,  # > 0: instead, a byte-level BPE of <= this many ids learned from the captions (needs
+    # `pip install tokenizers`)
     text_len=35,  # text tokens per example, BOS and EOS included (paper: 35); longer captions are cut, counted
     text_first=0.9,  # share of examples with the text first (text-to-image); the rest caption their image
     text_loss_weight=0.01,  # weight of the captioning next-token loss, against the image loss
@@ -117,10 +120,11 @@ config = dict(
     wandb_project="nanoCausalFusion",  # its project
     wandb_run="",  # its run name ("" = the name of --out); --resume continues the same run (id in ckpt.pt)
     # the demo data set (--data "")
-    demo="classes",  # classes: 10 shapes, one per class; captions: shapes described by text (shapes.py)
+    demo="classes",  # classes: 10 shapes, one per class; captions: shapes described by text; combinations: the
+    # captioned shapes, one class per (shape, colour, size, position): the text path's yardstick (shapes.py)
     demo_image_size=12,  # pixels per side
     demo_per_class=100,  # training images per class (10 classes)
-    demo_images=4000,  # training images of the captioned demo
+    demo_images=4000,  # training images of the captioned demo (and of --demo combinations)
     # system
     device="",  # "" = cuda if available, else cpu
     dtype="",  # autocast dtype: bf16 or fp32; "" = bf16 on cuda, fp32 on cpu
@@ -131,13 +135,15 @@ config = dict(
 
 def open_data(cfg, rank):
     """LatentData of --data, or the demo's (built under OUT/data), and the tokenizer if it holds captions."""
-    if cfg["demo"] not in ("classes", "captions"):
-        raise ValueError(f"--demo must be classes or captions, got {cfg['demo']!r}")
+    if cfg["demo"] not in ("classes", "captions", "combinations"):
+        raise ValueError(f"--demo must be classes, captions or combinations, got {cfg['demo']!r}")
     root, size = os.path.join(cfg["out"], "data"), cfg["demo_image_size"]
     if cfg["data"]:
         data_dir = cfg["data"]
     elif cfg["demo"] == "classes":
         data_dir = shapes.build_demo_data(root, size, cfg["demo_per_class"], cfg["seed"], rank)
+    elif cfg["demo"] == "combinations":
+        data_dir = shapes.build_combination_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
     else:
         data_dir = shapes.build_caption_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
     data = LatentData(data_dir)
@@ -147,8 +153,13 @@ def open_data(cfg, rank):
                          f"samples, got latents {data.latent_shape} and {len(data)} samples")
     if cfg["text_len"] < 2:
         raise ValueError(f"--text-len must hold at least BOS and EOS (2), got {cfg['text_len']}")
-    tokenizer = text_lib.build_tokenizer(cfg["tokenizer"]) if data.captions is not None else None
-    return data_dir, data, tokenizer
+    if cfg["learn_tokenizer"] and cfg["tokenizer"]:
+        raise ValueError(f"--learn-tokenizer {cfg['learn_tokenizer']} learns a tokenizer: it goes without --tokenizer")
+    if data.captions is None:
+        return data_dir, data, None
+    if cfg["learn_tokenizer"]:  # deterministic: every rank, and a resumed run, learns the same one
+        return data_dir, data, text_lib.learn_bpe((c for cs in data.captions for c in cs), cfg["learn_tokenizer"])
+    return data_dir, data, text_lib.build_tokenizer(cfg["tokenizer"])
 
 
 def check_options(cfg, world, device):
@@ -541,7 +552,9 @@ def train(cfg, rank, world, device):
     # the demos' closing figures (pixel-space data only: no pretrained network needed)
     summary = {"step": step, "losses": losses, "fids": fids, "seconds": time.time() - t_start}
     if rank == 0 and cfg["eval_per_class"] and data.vae == "none":
-        if tokenizer is None:
+        if not cfg["data"] and cfg["demo"] == "combinations":
+            summary.update(shapes.evaluate_combination_demo(ema, cfg, data, vae, grid_sampler, amp, log))
+        elif tokenizer is None:
             summary.update(shapes.evaluate_class_demo(ema, cfg, data, grid_sampler, amp, log))
         elif not cfg["data"]:
             summary.update(shapes.evaluate_caption_demo(ema, cfg, data, tokenizer, vae, grid_sampler, amp, log))

@@ -100,7 +100,8 @@ config = dict(
     head_heads=6,  # its attention heads (6)
     head_encoder_layers=3,  # its transformer encoder layers (3)
     head_decoder_layers=3,  # its transformer decoder layers (3)
-    tokenizer="",  # "" = the byte tokenizer (tokenizer.py); a LLaMA-3 tokenizer.model file (paper Sec. 6)
+    tokenizer="",  # "" = a text checkpoint's own tokenizer, else the byte one (tokenizer.py); a LLaMA-3
+    # tokenizer.model file (paper Sec. 6)
     text_len=0,  # caption tokens, BOS and EOS included (longer captions are cut, counted); 0 = the checkpoint's
     # text length for a text model, else 35 (paper Table 11)
     # the demo (--data "")
@@ -446,7 +447,9 @@ def build_captioner(cfg, device):
     """The captioner (the checkpoint's body, class-conditional or text, under a new caption head), its tokenizer,
     AdamW over Table 13's two lrs and the recipe's numbers."""
     pretrained, meta = load_body(cfg, text_ok=True)
-    tok = text_lib.build_tokenizer(cfg["tokenizer"])
+    # a text checkpoint's own tokenizer (and text length) unless --tokenizer names one: its captions fit them
+    own = meta.get("tokenizer") if not cfg["tokenizer"] else None
+    tok = text_lib.from_state(own) if own else text_lib.build_tokenizer(cfg["tokenizer"])
     text_len = cfg["text_len"] or pretrained.config.get("text_len") or 35
     if text_len < 3:
         raise ValueError(f"--text-len must hold BOS, a token and EOS (3), got {text_len}")

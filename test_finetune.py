@@ -313,3 +313,19 @@ def test_caption_finetune_resumes_exactly_and_freezes():
                                                   (["--task", "captions"], "--task"),
                                                   (["--data", shapes_data, "--val-data", shapes_data], "no captions"),
                                                   (["--caption-body-lr", "0"], "--caption-freeze-body")))
+
+
+def test_caption_finetune_takes_a_text_checkpoints_tokenizer():
+    # a text checkpoint's own tokenizer and text length, unless --tokenizer names another: here a learned BPE
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        train.main(TINY + ["--demo", "captions", "--demo-image-size", "8", "--demo-images", "32", "--flip", "false",
+                           "--learn-tokenizer", "400", "--text-len", "10", "--max-steps", "1", "--out", run])
+        own = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["tokenizer"]
+        args = ["--ckpt", os.path.join(run, "ckpt.pt")] + CAPTION[:-6] + ["--caption-epochs", "1", "--demo-images",
+                                                                           "24", "--demo-val-images", "6"]
+        finetune.main(args + ["--out", os.path.join(tmp, "ft")])
+        ft = torch.load(os.path.join(tmp, "ft", "ckpt.pt"), weights_only=True)
+        assert own["kind"] == "bpe" and ft["tokenizer"] == own and ft["text_len"] == 10
+        log = open(os.path.join(tmp, "ft", "finetune.log")).read()
+        assert "bpe tokenizer, 10 text tokens" in log and "captions cut 0/" in log, log

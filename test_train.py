@@ -532,7 +532,9 @@ def test_wandb_offline_run_and_resume_continue_one_run():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         run_id = _load(os.path.join(tmp, "run", "ckpt.pt"))["wandb_id"]
         runs = sorted(d for d in os.listdir(os.path.join(tmp, "wb", "wandb")) if d.startswith("offline-run-"))
-        assert len(runs) == 2 and all(d.endswith("-" + run_id) for d in runs), (runs, run_id)  # resumed: same id
+        # resumed: the same id (W&B names a second directory of the same second and id "...-<id>-1")
+        assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", d) for d in runs), \
+            (runs, run_id)
         for d in runs:
             files = os.listdir(os.path.join(tmp, "wb", "wandb", d))
             assert f"run-{run_id}.wandb" in files and "files" in files, files

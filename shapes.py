@@ -258,9 +258,11 @@ def caption_accuracy(texts, attrs):
     return _accuracy([parse_caption(t) for t in texts], attrs)
 
 
-def _chance(names):
-    return "(chance " + ", ".join(f"{CHANCE[k]:.2f}" if k in CHANCE else f"{math.prod(CHANCE.values()):.3f}"
-                                  for k in names) + ")"
+def _figures(accuracy):
+    """'colour 1.00, ..., all 0.38 (chance 0.25, ..., 0.006)' for a log line; all's chance is the product."""
+    chance = {**CHANCE, "all": math.prod(CHANCE.values())}
+    return (", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + " (chance " +
+            ", ".join(f"{chance[k]:.{3 if k == 'all' else 2}f}" for k in accuracy) + ")")
 
 
 # ------------------------------------------------------------------------------------------ evaluating the demos
@@ -296,8 +298,7 @@ def evaluate_caption_demo(ema, cfg, data, tokenizer, vae, diffusion, autocast, l
                                     cfg_scale=cfg["cfg_scale"])
         images = tokens_to_images(tokens, ema, vae, data.scale_factor)
         summary[f"t2i_{group}"] = t2i_accuracy(images, attrs, train_images, train_attrs)
-        log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary[f"t2i_{group}"].items()) + " " + _chance(summary[f"t2i_{group}"]))
+        log(f"text-to-image, {n} {group.replace('_', '-')} prompts: " + _figures(summary[f"t2i_{group}"]))
     for group, held_out in (("seen", False), ("held_out", True)):  # fresh images of either kind of combination
         attrs = random_attrs(n, seed + 3, held_out)
         images = draw_captioned(attrs, size, seed + 3)
@@ -324,8 +325,7 @@ def evaluate_combination_demo(ema, cfg, data, vae, diffusion, autocast, log):
     images = tokens_to_images(tokens, ema, vae, data.scale_factor)
     train_attrs = [parse_caption(data.class_names[k].replace("_", " ")) for k in data.labels.tolist()]
     accuracy = t2i_accuracy(images, attrs, pixel_images(data), train_attrs)
-    log(f"class-to-image, {n} seen combinations: " + ", ".join(f"{k} {v:.2f}" for k, v in accuracy.items()) + " "
-        + _chance(accuracy))
+    log(f"class-to-image, {n} seen combinations: " + _figures(accuracy))
     return {"c2i_seen": accuracy}
 
 

@@ -153,8 +153,6 @@ def open_data(cfg, rank):
                          f"samples, got latents {data.latent_shape} and {len(data)} samples")
     if cfg["text_len"] < 2:
         raise ValueError(f"--text-len must hold at least BOS and EOS (2), got {cfg['text_len']}")
-    if cfg["learn_tokenizer"] and cfg["tokenizer"]:
-        raise ValueError(f"--learn-tokenizer {cfg['learn_tokenizer']} learns a tokenizer: it goes without --tokenizer")
     if data.captions is None:
         return data_dir, data, None
     if cfg["learn_tokenizer"]:  # deterministic: every rank, and a resumed run, learns the same one
@@ -170,6 +168,8 @@ def check_options(cfg, world, device):
                          f"{cfg['grad_accum']})")
     if cfg["split"] not in ("sample", "batch"):
         raise ValueError(f"--split must be sample or batch, got {cfg['split']!r}")
+    if cfg["learn_tokenizer"] and cfg["tokenizer"]:
+        raise ValueError(f"--learn-tokenizer {cfg['learn_tokenizer']} learns a tokenizer: it goes without --tokenizer")
     if cfg["noisy_copies"] < 1 or (cfg["time_token"] and (cfg["per_step_t"] or cfg["noisy_copies"] > 1)):
         raise ValueError(f"--noisy-copies must be >= 1 (got {cfg['noisy_copies']}), and --time-token (one timestep "
                          f"per image) goes with neither --per-step-t nor --noisy-copies > 1")

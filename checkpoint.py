@@ -2,7 +2,7 @@
 
 train.py's ckpt.pt holds model, ema, optimizer, step, config, model_config, data (the latent format) and rng
 (and a text model's tokenizer); finetune.py's holds its classifier. The authors' files hold model, ema and their
-pickled argparse args; their model config is read off the tensor shapes. Everything is plain tensors and values,
+pickled argparse args; their model config is read off the tensor demos. Everything is plain tensors and values,
 read with torch.load(weights_only=True).
 """
 import argparse
@@ -48,7 +48,7 @@ def read_checkpoint(path):
 
 
 def authors_config(sd, vae):
-    """Model config and data meta of an authors' checkpoint, inferred from its tensor shapes."""
+    """Model config and data meta of an authors' checkpoint, inferred from its tensor demos."""
     hidden, token_dim = sd["x_proj.weight"].shape
     vae_config = VAE_CONFIGS.get(vae, dict(z_channels=3, ch_mult=(1,)))  # "none": 3 channels, no downsampling
     channels, down = vae_config["z_channels"], 2 ** (len(vae_config["ch_mult"]) - 1)

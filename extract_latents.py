@@ -7,12 +7,12 @@
 DIR holds class folders (DIR/<class>/<image>) or captioned images (DIR/metadata.jsonl); latents.py describes
 both layouts and the output directory (shards of moments, labels, captions, meta.json), and holds the reader,
 LatentData. An interrupted run resumes: the same command again encodes only the shards still missing.
-The options --data-path and --precision of earlier versions still work as aliases of --data and --dtype.
 """
+import os
 import sys
 
-from config import parse_config
 from latents import ExtractionError, extract
+from runtime import parse_config
 
 config = dict(
     data="",  # image folder: DIR/<class>/<image>, or captioned images listed in DIR/metadata.jsonl
@@ -22,17 +22,17 @@ config = dict(
     image_size=256,  # ADM centre crop to this size (a multiple of the VAE's downsampling)
     batch_size=32,  # images per forward pass (each is encoded twice: as is and flipped)
     shard_size=10000,  # images per shard file (the unit of resuming; each process holds one shard in RAM)
-    num_workers=4,  # image-decoding processes (0 = decode in the main process)
+    num_workers=min(4, (os.cpu_count() or 1) - 1),  # image-decoding processes beside the main one (0 = decode in
+      # the main process); the default leaves one core to the VAE: 1 on a 2-core laptop, 4 from 5 cores up
     dtype="fp32",  # fp32 or bf16 (autocast for the VAE; for GPUs: most CPUs run bf16 convolutions slowly)
     device="",  # "" = cuda (cuda:LOCAL_RANK under torchrun) if available, else cpu
     overwrite=False,  # replace a different extraction found in --out (never files it did not write)
 )
-ALIASES = {"data_path": "data", "precision": "dtype"}  # the option names of earlier versions
 
 
 def main(argv=None):
     cfg = dict(config)
-    parse_config(cfg, argv, aliases=ALIASES)
+    parse_config(cfg, argv)
     if not cfg["data"] or not cfg["out"]:
         raise ExtractionError("--data and --out are required (see the top of extract_latents.py)")
     return extract(**cfg)

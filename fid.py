@@ -22,7 +22,7 @@ from scipy import linalg
 from scipy.special import rel_entr, softmax
 from tqdm import tqdm
 
-from config import ConfigError, parse_config
+from runtime import ConfigError, parse_config
 
 config = dict(
     metrics=("is", "fid", "sfid", "precision", "recall"),  # which metrics to compute (with two inputs)

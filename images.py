@@ -6,6 +6,7 @@ import zipfile
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+GRID_PIXELS = 64  # grids show small images (the demos' 12 and 16 px) zoomed to about this size
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -49,9 +50,13 @@ def read_npz_images(path, option):
     return images
 
 
-def save_grid(images, path, ncol, pad=2, captions=None):
-    """uint8 images (N, H, W, 3) -> one PNG, ncol per row, white padding; with captions (N strings), each
-    image is shown at least 128 px wide with its caption under it (wrapped, at most 3 lines)."""
+def save_grid(images, path, ncol, pad=2, captions=None, zoom_to=0):
+    """uint8 images (N, H, W, 3) -> one PNG, ncol per row, white padding; zoom_to: small images shown larger by an
+    integer factor, to about that many pixels (train.py's and sample.py's grids: 64); with captions (N strings),
+    each image is shown at least 128 px wide with its caption under it (wrapped, at most 3 lines)."""
+    if zoom_to:
+        zoom = max(1, zoom_to // images.shape[1])
+        images = images.repeat(zoom, 1).repeat(zoom, 2)
     if captions is not None:
         zoom = max(1, -(-128 // images.shape[2]))
         images = images.repeat(zoom, 1).repeat(zoom, 2)

@@ -1,15 +1,27 @@
-"""What every script sets up the same way: device, autocast dtype, torchrun's process group, seeded generators.
+"""What every script sets up the same way: its config from the command line, the device, autocast dtype,
+torchrun's process group, seeded generators.
 
+    config = dict(lr=1e-4, size="T", cfg_interval=(0, 1000), compile=False)
+    args = parse_config(config)            # sys.argv[1:]: --lr 3e-4 --size=L --cfg-interval 100 800 --compile
     with distributed(cfg["device"]) as (rank, world, device): ...     # one process, or one rank of torchrun
     launch(cfg, run)                                                    # run(cfg, rank, world, device) in it
 
-Seeding (train.py, finetune.py): micro-batch m of step s draws from seeded(seed, stream, s, m) and epoch e's data
-order from seeded(seed, 0, e), so resuming needs no generator state and N ranks compute the same step as one
-rank accumulating N micro-batches.
+Config: every key may be given as `--key value` or `--key=value`, dashes or underscores alike. The value is
+converted to the type of the default (bool: true/false/1/0/yes/no, or a bare flag for True; a tuple or
+list default takes every following value that is not an option; a None default takes a string).
+An unknown key or a value of the wrong type is an error that names the key. Words that are not options
+are returned as positional arguments (for scripts such as fid.py that take file names).
+
+Seeding (train.py, finetune/): micro-batch m of step s draws from seeded(seed, stream, s, m) and epoch e's data
+order from seeded(seed, SEED_DATA_ORDER, e), so resuming needs no generator state and N ranks compute the same
+step as one rank accumulating N micro-batches.
 """
 import contextlib
+import difflib
 import functools
 import os
+import re
+import sys
 
 import numpy as np
 import torch
@@ -83,3 +95,115 @@ def step_indices(step, batch, n, seed):
     batch of each dropped."""
     epoch, i = divmod(step, n // batch)
     return epoch_permutation(n, seed, epoch)[i * batch:(i + 1) * batch]
+
+
+# ------------------------------------------------------------------------------------------ the command line
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _convert(option, text, default):
+    kind = type(default)
+    if default is None or kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigError(f"--{option}: expected true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"--{option}: expected {kind.__name__}, got {text!r}") from None
+
+
+def _is_option(word):
+    return word.startswith("--") and len(word) > 2
+
+
+def config_comments(path):
+    """{key: its comment} of the `config = dict(...)` block of a script: the comment after `key=value,` and the
+    comment lines indented below it (a hanging indent continues it); a comment line at the keys' indent is a
+    section heading, kept under the key "# heading"."""
+    comments, key, indent, inside = {}, None, None, False
+    for line in open(path, encoding="utf-8"):
+        stripped = line.strip()
+        if not inside:
+            inside = stripped.startswith("config = dict(")
+            continue
+        if stripped == ")":
+            break
+        depth = len(line) - len(line.lstrip())
+        match = re.match(r"(\w+)=.*?#\s?(.*)$", stripped)
+        if match:
+            key, indent = match.group(1), depth
+            comments[key] = match.group(2)
+        elif stripped.startswith("#") and key is not None and depth > indent:
+            comments[key] += " " + stripped.lstrip("# ")
+        elif stripped.startswith("#"):
+            comments["# " + stripped.lstrip("# ")] = ""
+    return comments
+
+
+def print_help(config, prog, path):
+    """--help: every key with its default and its comment in the config block, under the block's headings."""
+    print(f"usage: {prog} [--key value ...]  (dashes or underscores; --key=value works too)")
+    comments = config_comments(path) if path else {}
+    for key in comments if set(config) <= set(comments) else config:
+        if key.startswith("# "):
+            print(f"\n{key[2:]}:")
+        elif key in config:
+            print(f"  --{key.replace('_', '-'):22s} {config[key]!r:>14}   {comments.get(key, '')}")
+
+
+def parse_config(config, argv=None, prog=None, source=None):
+    """Override `config` in place from argv; return the list of positional arguments. source: the script whose
+    config block --help reads its comments from (default: the caller's file).
+    With argv=None (the real command line) a bad option exits with `prog: error: ...` instead of raising."""
+    source = source or sys._getframe(1).f_globals.get("__file__")
+    prog = prog or os.path.basename(source or sys.argv[0])
+    if argv is None:
+        try:
+            return parse_config(config, sys.argv[1:], prog, source)
+        except ConfigError as e:
+            sys.exit(f"{prog}: error: {e}")
+    argv = list(argv)
+    positional, i = [], 0
+    while i < len(argv):
+        word = argv[i]
+        i += 1
+        if word in ("-h", "--help"):
+            print_help(config, prog, source)
+            sys.exit(0)
+        if not _is_option(word):
+            positional.append(word)
+            continue
+        name, has_eq, inline = word[2:].partition("=")
+        key = name.replace("-", "_")
+        if key not in config:
+            near = difflib.get_close_matches(key, config, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join('--' + k.replace('_', '-') for k in near)}? " if near else ""
+            raise ConfigError(f"unknown option --{name}: {hint}(--help lists the {len(config)} options)")
+        default = config[key]
+        if isinstance(default, (tuple, list)):
+            values = inline.split(",") if has_eq else []
+            while not has_eq and i < len(argv) and not _is_option(argv[i]):
+                values.append(argv[i])
+                i += 1
+            elem = default[0] if len(default) else ""
+            config[key] = type(default)(_convert(name, v, elem) for v in values if v != "")
+        elif has_eq:
+            config[key] = _convert(name, inline, default)
+        elif isinstance(default, bool) and (i == len(argv) or _is_option(argv[i])
+                                           or argv[i].lower() not in _TRUE | _FALSE):
+            config[key] = True  # bare flag
+        elif i < len(argv):
+            config[key] = _convert(name, argv[i], default)
+            i += 1
+        else:
+            raise ConfigError(f"--{name}: missing value")
+    return positional

@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import tokenizer as text_lib
+import tokenization
 from checkpoint import load_checkpoint
-from config import parse_config
-from engine import (caption_images, check_options, encode_images, gather, make_sampler, sample_batch,
+from runtime import parse_config
+from inference import (caption_images, check_sampling_options, encode_images, gather, make_diffusion, sample_batch,
                     sample_images, tokens_to_images)
-from images import IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
+from images import GRID_PIXELS, IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
 from runtime import autocast_dtype, distributed
 from vae import SCALE_FACTORS, build_vae
 
@@ -41,10 +41,11 @@ config = dict(
     num_samples=16,  # images to generate (editing: rows of edits)
     batch_size=64,  # images per global batch; with the seed it fixes the samples (README: "Fast sampling")
     classes=[],  # class indices or names, cycled over the samples; empty or "random": uniformly random (DiT,
-    # ADM); "balanced": every class in turn (50,000 samples: 50 per class, as MAR)
+      # ADM); "balanced": every class in turn (50,000 samples: 50 per class, as MAR)
     ar_steps=1,  # AR steps S: 1 = diffusion mode, L = token by token
     split="equal",  # AR step sizes: equal, or random (a uniformly random composition of L)
-    order="random",  # order of the tokens over the AR steps: random (per sample) or raster
+    order="random",  # order of the tokens over the AR steps: random (per sample), raster or block_raster
+    order_block=2,  # block side (in tokens) of --order block_raster (as train.py's)
     sampler="ddpm",  # ddpm (the paper's, ancestral), ddim, dpm++ (DPM-Solver++ 2M) or dpm++sde (its SDE form)
     steps=0,  # sampler steps per AR step, respaced from 1000; 0 = the sampler's default (ddpm 250, the paper's)
     eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1 (DDPM-like)
@@ -108,6 +109,7 @@ def provenance(cfg, diffusion, dtype):
                 "model", sampler=diffusion.sampler, steps=len(diffusion.timesteps), eta=diffusion.eta,
                 spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"], cfg_interval=list(cfg["cfg_interval"]),
                 ar_steps=cfg["ar_steps"], order=cfg["order"], split=cfg["split"], classes=cfg["classes"],
+                **({"order_block": cfg["order_block"]} if cfg["order"] == "block_raster" else {}),
                 num_samples=cfg["num_samples"], seed=cfg["seed"], batch_size=cfg["batch_size"], dtype=dtype,
                 torch=torch.__version__)
 
@@ -130,7 +132,7 @@ def run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, diff
         for i, image in enumerate(images):
             Image.fromarray(image).save(os.path.join(cfg["out_dir"], f"{i:06d}.png"))
     save_grid(images[:64], os.path.join(cfg["out_dir"], "grid.png"), ncol=8,
-              captions=list(labels[:64]) if prompts else None)
+              captions=list(labels[:64]) if prompts else None, zoom_to=GRID_PIXELS)
 
 
 # ------------------------------------------------------------------------------------------ zero-shot editing
@@ -158,7 +160,7 @@ def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", 
     """Regenerate the tokens outside `keep` (grid, grid) of each original (R, L, P) once per class, conditioned on
     the kept tokens. Returns (R, len(classes), L, P); the kept tokens are the originals' exactly."""
     kept = keep.flatten().nonzero()[:, 0].to(originals.device)  # (K,) image positions
-    check_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
+    check_sampling_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
     labels = torch.tensor(classes)
     rows = []
     for r, tokens in enumerate(originals):
@@ -199,7 +201,7 @@ def run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options):
         image = load_image(cfg["edit"], cfg["edit_index"], meta["image_size"])
         originals = encode_images(image, model, vae, scale).expand(rows, -1, -1)  # one image, R rows of edits
     else:  # what a plain run with --classes edit_class --batch-size R gives (batch 0)
-        check_options(model, classes=[cfg["edit_class"]], **options)
+        check_sampling_options(model, classes=[cfg["edit_class"]], **options)
         originals = sample_batch(model, diffusion, torch.full((rows,), cfg["edit_class"]), cfg["seed"] * 1_000_003,
                                  dtype=dtype, **options)
     edits = edit_tokens(model, originals, keep, classes, cfg["seed"], diffusion, dtype, **options)
@@ -258,9 +260,9 @@ def load_model(cfg, device):
     model.to(device)
     tokenizer = None
     if model.text_vocab:
-        tokenizer = text_lib.from_state(meta["tokenizer"])
+        tokenizer = tokenization.from_state(meta["tokenizer"])
         if cfg["tokenizer"]:
-            text_lib.check_same(meta["tokenizer"], cfg["tokenizer"])
+            tokenization.check_same(meta["tokenizer"], cfg["tokenizer"])
     vae_kind = cfg["vae"] or meta["vae"]
     same_vae = vae_kind == meta["vae"]  # then the checkpoint's VAE weights and scale are the defaults
     vae = build_vae(vae_kind, cfg["vae_ckpt"] or (meta.get("vae_ckpt") if same_vae else None), device=device)
@@ -276,7 +278,7 @@ def main(argv=None):
     suffix, what = (".jsonl", "a .jsonl file (captions)") if cfg["caption"] else (".npz", "an .npz file (for fid.py)")
     if cfg["out"] and not cfg["out"].endswith(suffix):  # np.savez would quietly append .npz
         raise ValueError(f"--out must name {what}, got {cfg['out']!r}")
-    diffusion = make_sampler(cfg["steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
+    diffusion = make_diffusion(cfg["steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
     with distributed(cfg["device"]) as (rank, world, device):
         dtype = autocast_dtype(cfg["dtype"], device)
         model, meta, vae, scale, tokenizer = load_model(cfg, device)
@@ -287,7 +289,7 @@ def main(argv=None):
             raise ValueError(f"{cfg['ckpt']} is a class-conditional model: --prompts, --prompts-file and --caption "
                              f"need a model trained on captions")
         classes = parse_classes(cfg["classes"], model.num_classes, meta.get("class_names"))
-        options = {k: cfg[k] for k in ("ar_steps", "split", "order", "cfg_scale", "cfg_interval")}
+        options = {k: cfg[k] for k in ("ar_steps", "split", "order", "order_block", "cfg_scale", "cfg_interval")}
         os.makedirs(cfg["out_dir"], exist_ok=True)
         start = time.time()
         if cfg["caption"]:

@@ -19,30 +19,25 @@ checkpoints and sample grids. --eval-every N measures FID (fid.py) of EMA sample
 """
 import contextlib
 import copy
-import importlib
 import json
-import math
 import os
-import resource
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 
-import fid
-import shapes
-import tokenizer as text_lib
+import demos
+import tokenization
 from checkpoint import check_resumable, init_from, read_checkpoint, save_checkpoint
-from config import parse_config
+from runtime import parse_config
 from diffusion import Diffusion
-from engine import gather, make_sampler, sample_images, sample_latents, tokens_to_images
-from images import save_grid
+from inference import make_diffusion, sample_latents, tokens_to_images
+from images import GRID_PIXELS, save_grid
 from latents import LatentData
 from model import CausalFusion
-from plots import draw_curves, read_metrics
 from runtime import autocast, autocast_dtype, launch, seeded, step_indices
-from training import draw_micro_batch, ema_update, forward_losses
+from train_monitor import Metrics, RunLog, evaluate_fid, fid_line, fid_record, log_line, log_record, prepare_fid, read_step_stats
+from train_step import draw_micro_batch, ema_update, forward_losses
 from vae import build_vae
 
 # The defaults are the CPU demo's (`python train.py`); the paper's recipes are commands in the README.
@@ -67,7 +62,7 @@ config = dict(
     order="random",  # token order: random, raster or block_raster (Table 3b)
     order_block=2,  # block side (in tokens) of --order block_raster (Table 3b)
     ar_steps_train=0,  # a fixed number of AR steps S_train of L / S_train tokens each (Table 2); 0 = random (gamma)
-    split="sample",  # AR split drawn per sample, or per batch (one S and one split per micro-batch, the authors')
+    split_per="sample",  # AR split drawn per sample, or per batch (one S and one split per micro-batch, the authors')
     per_step_t=False,  # one diffusion timestep per AR step instead of one per image (App. B, Table 7)
     noisy_copies=1,  # K noisy copies per image at K timesteps sharing its clean tokens (Table 7's K x t rows)
     class_dropout=0.1,  # probability of the null class, for classifier-free guidance
@@ -75,7 +70,7 @@ config = dict(
     # multimodal model (paper Sec. 6, Table 11): trained when --data holds captions (metadata.jsonl)
     tokenizer="",  # "" = byte-level UTF-8; PATH = LLaMA-3's tokenizer.model (needs `pip install tiktoken`)
     learn_tokenizer=0,  # > 0: instead, a byte-level BPE of <= this many ids learned from the captions (needs
-    # `pip install tokenizers`)
+      # `pip install tokenizers`)
     text_len=35,  # text tokens per example, BOS and EOS included (paper: 35); longer captions are cut, counted
     text_first=0.9,  # share of examples with the text first (text-to-image); the rest caption their image
     text_loss_weight=0.01,  # weight of the captioning next-token loss, against the image loss
@@ -95,24 +90,24 @@ config = dict(
     log_every=200,  # steps between log lines
     ckpt_every=1000,  # steps between writes of OUT/ckpt.pt (and at the end)
     keep_every=0,  # steps between numbered copies OUT/ckpt_<step>.pt (0 = none)
-    sample_every=0,  # steps between sample grids (and at the end; 0 = only at the end)
+    grid_every=0,  # steps between sample grids (and at the end; 0 = only at the end)
     grid_classes=10,  # rows of the grid: classes evenly spaced over all classes (text: captions); 0 = no grid
     grid_per_class=10,  # columns of the grid
-    sample_steps=100,  # sampler steps of the grid and evaluation samples (0 = the sampler's default; paper: 250)
-    sampler="ddpm",  # their sampler: ddpm (the paper's), ddim, dpm++ or dpm++sde (sample.py --sampler)
-    eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1
+    grid_steps=100,  # sampler steps per AR step of the grids and the demos' scores (0 = the sampler's default)
+    grid_sampler="ddpm",  # their sampler: ddpm (the paper's), ddim, dpm++ or dpm++sde (as sample.py --sampler)
+    eta=0.0,  # a ddim sampler's noise (grids and --eval-every), 0 (deterministic) to 1
     spacing="",  # the timesteps the fast samplers visit: uniform, trailing or logsnr ("" = the sampler's default)
     cfg_scale=5.0,  # classifier-free guidance scale of those samples (1 = none)
     eval_per_class=10,  # at the end, pixel-space data only: samples per class for the nearest-neighbour class
-    # accuracy; the captioned demo: prompts and images per group for its attribute accuracies (0 = skip)
+      # accuracy; the captioned demo: prompts and images per group for its attribute accuracies (0 = skip)
     # FID during training (fid.py's functions), written to train.log and OUT/metrics.jsonl
     eval_every=0,  # steps between FIDs of EMA samples against --eval-ref (and at the end); 0 = none
     eval_ref="",  # the reference: an ADM .npz (arr_0 images and/or mu/sigma) or a `fid.py --save-stats` file
     eval_samples=10000,  # samples per FID (paper's ablations: FID-10K); classes balanced (index mod classes), text:
-    # the first captions of evenly spaced training images, cycled; fixed seed (--seed), CFG --cfg-scale
+      # the first captions of evenly spaced training images, cycled; fixed seed (--seed), CFG --cfg-scale
     eval_batch_size=64,  # images per sampling batch (with the seed it fixes the samples) and per Inception batch
     eval_sampler="dpm++sde",  # the sampler of those samples (--eta and --spacing as the grid's)
-    eval_steps=0,  # its steps per AR step (0 = its default, engine.DEFAULT_STEPS: 20 for dpm++sde)
+    eval_steps=0,  # its steps per AR step (0 = its default, inference.DEFAULT_STEPS: 20 for dpm++sde)
     fid_weights="",  # the FID Inception weights (fid.py --weights); "" = the torch hub checkpoints directory
     # loggers beside OUT/metrics.jsonl (optional packages); a resumed run continues the same curves
     tensorboard=False,  # also log every metric to OUT/tensorboard (pip install tensorboard)
@@ -121,7 +116,7 @@ config = dict(
     wandb_run="",  # its run name ("" = the name of --out); --resume continues the same run (id in ckpt.pt)
     # the demo data set (--data "")
     demo="classes",  # classes: 10 shapes, one per class; captions: shapes described by text; combinations: the
-    # captioned shapes, one class per (shape, colour, size, position): the text path's yardstick (shapes.py)
+      # captioned shapes, one class per (shape, colour, size, position): the text path's yardstick (demos.py)
     demo_image_size=12,  # pixels per side
     demo_per_class=100,  # training images per class (10 classes)
     demo_images=4000,  # training images of the captioned demo (and of --demo combinations)
@@ -133,7 +128,7 @@ config = dict(
 )
 
 
-def open_data(cfg, rank):
+def open_train_data(cfg, rank):
     """LatentData of --data, or the demo's (built under OUT/data), and the tokenizer if it holds captions."""
     if cfg["demo"] not in ("classes", "captions", "combinations"):
         raise ValueError(f"--demo must be classes, captions or combinations, got {cfg['demo']!r}")
@@ -141,11 +136,11 @@ def open_data(cfg, rank):
     if cfg["data"]:
         data_dir = cfg["data"]
     elif cfg["demo"] == "classes":
-        data_dir = shapes.build_demo_data(root, size, cfg["demo_per_class"], cfg["seed"], rank)
+        data_dir = demos.build_demo_data(root, size, cfg["demo_per_class"], cfg["seed"], rank)
     elif cfg["demo"] == "combinations":
-        data_dir = shapes.build_combination_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
+        data_dir = demos.build_combination_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
     else:
-        data_dir = shapes.build_caption_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
+        data_dir = demos.build_caption_demo_data(root, size, cfg["demo_images"], cfg["seed"], rank)
     data = LatentData(data_dir)
     c, h, w = data.latent_shape
     if h != w or len(data) < cfg["batch_size"]:
@@ -156,18 +151,18 @@ def open_data(cfg, rank):
     if data.captions is None:
         return data_dir, data, None
     if cfg["learn_tokenizer"]:  # deterministic: every rank, and a resumed run, learns the same one
-        return data_dir, data, text_lib.learn_bpe((c for cs in data.captions for c in cs), cfg["learn_tokenizer"])
-    return data_dir, data, text_lib.build_tokenizer(cfg["tokenizer"])
+        return data_dir, data, tokenization.learn_bpe((c for cs in data.captions for c in cs), cfg["learn_tokenizer"])
+    return data_dir, data, tokenization.build_tokenizer(cfg["tokenizer"])
 
 
-def check_options(cfg, world, device):
+def check_train_options(cfg, world, device):
     """Raise a ValueError naming the option for a combination training cannot run; returns the autocast dtype."""
     dtype = autocast_dtype(cfg["dtype"], device)
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise ValueError(f"need --batch-size ({cfg['batch_size']}) divisible by ranks x --grad-accum ({world} x "
                          f"{cfg['grad_accum']})")
-    if cfg["split"] not in ("sample", "batch"):
-        raise ValueError(f"--split must be sample or batch, got {cfg['split']!r}")
+    if cfg["split_per"] not in ("sample", "batch"):
+        raise ValueError(f"--split-per must be sample or batch, got {cfg['split_per']!r}")
     if cfg["learn_tokenizer"] and cfg["tokenizer"]:
         raise ValueError(f"--learn-tokenizer {cfg['learn_tokenizer']} learns a tokenizer: it goes without --tokenizer")
     if cfg["noisy_copies"] < 1 or (cfg["time_token"] and (cfg["per_step_t"] or cfg["noisy_copies"] > 1)):
@@ -210,215 +205,13 @@ def save_sample_grid(ema, cfg, data, tokenizer, vae, diffusion, autocast, path):
     with autocast:
         tokens = sample_latents(ema, diffusion, cfg["seed"], cfg_scale=cfg["cfg_scale"], **kwargs)
     images = tokens_to_images(tokens, ema, vae, data.scale_factor)  # (N, H, W, 3) uint8
-    zoom = max(1, 64 // images.shape[1])  # show small images at 64 px or more
     captions = None if prompts is None else [p if j == 0 else "" for p in prompts for j in range(cols)]
-    save_grid(images.repeat(zoom, 1).repeat(zoom, 2), path, ncol=cols, captions=captions)
-
-
-class RunLog:
-    """Rank 0 prints each line and appends it to OUT/train.log; the other ranks stay silent."""
-
-    def __init__(self, path, rank):
-        self.path, self.rank = path, rank
-
-    def __call__(self, msg):
-        if self.rank == 0:
-            print(msg, flush=True)
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def read_stats(pending, micro, world, first_step, ckpt_path):
-    """The host values of the steps' device-side rows (image loss, text loss sum, text tokens, grad norm), the
-    loop's only device sync: (image losses, (text sum, text tokens) pairs, the last grad norm). The sums are
-    added over the ranks (the image loss is a mean over micro-batches); the grad norm is the same on every rank.
-    A non-finite value stops the run before the checkpoint could save it."""
-    rows = torch.stack(pending)  # (steps, 4)
-    sums = rows[:, :3].contiguous()
-    if world > 1:
-        dist.all_reduce(sums)
-    sums[:, 0] /= micro
-    losses, text_losses = [], []
-    for i, ((loss, text_sum, text_count), norm) in enumerate(zip(sums.tolist(), rows[:, 3].tolist())):
-        if not all(map(math.isfinite, (loss, text_sum, norm))):
-            raise FloatingPointError(f"step {first_step + i}: non-finite loss {loss}, text loss sum {text_sum} or "
-                                     f"grad norm {norm}; stopped without saving, {ckpt_path} keeps the last good state")
-        losses.append(loss)
-        text_losses.append((text_sum, text_count))
-    return losses, text_losses, norm
-
-
-def log_record(step, losses, text_losses, lr, norm, seconds, cfg, tokenizer, device, num_tokens):
-    """The metrics.jsonl record of the last len(losses) steps (timed over `seconds`)."""
-    rate = len(losses) / seconds
-    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9  # peak RSS on cpu
-    record = {"step": step, "image_loss" if tokenizer else "loss": sum(losses) / len(losses)}
-    if tokenizer is not None:
-        text_sum, text_count = map(sum, zip(*text_losses))
-        record["text_loss"] = text_sum / max(text_count, 1)
-    return dict(record, lr=lr, grad_norm=norm, steps_per_s=rate, img_per_s=rate * cfg["batch_size"],
-                tok_per_s=rate * cfg["batch_size"] * num_tokens, mem_gb=mem)  # tok: latent tokens
-
-
-def log_line(r, captions):
-    """The train.log line of a log_record."""
-    loss = (f"image loss {r['image_loss']:.6f} | text loss {r['text_loss']:.4f} | captions cut {captions[0]}/"
-            f"{captions[1]}" if "text_loss" in r else f"loss {r['loss']:.6f}")
-    return (f"step {r['step']} | {loss} | lr {r['lr']:.1e} | grad norm {r['grad_norm']:.3f} | "
-            f"{r['steps_per_s']:.2f} steps/s | {r['img_per_s']:.0f} img/s | {r['tok_per_s']:.0f} tok/s | "
-            f"mem {r['mem_gb']:.2f} GB")
-
-
-def optional_import(name):
-    """The optional package of --NAME (--tensorboard, --wandb), or an ImportError saying how to install it."""
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise ImportError(f"--{name} needs the {name} package: pip install {name} ({e})") from None
-
-
-class Metrics:
-    """Rank 0 appends each record (a log line's numbers, or an evaluation's) to OUT/metrics.jsonl and, with
-    --tensorboard / --wandb, logs its numbers there too, at global step = training step; the other ranks do
-    nothing. A run that starts at `step` (0, or its checkpoint's) first drops the records after that step, so a
-    run killed after logging past its last checkpoint leaves no step twice; TensorBoard hides them (purge_step)
-    and W&B continues the run of wandb_id (the checkpoint's)."""
-
-    def __init__(self, cfg, rank, step, wandb_id=None):
-        self.path, self.rank, self.records = os.path.join(cfg["out"], "metrics.jsonl"), rank, []
-        self.name = os.path.basename(os.path.normpath(cfg["out"]))
-        self.tensorboard = self.wandb = None
-        if rank > 0:
-            return
-        if os.path.exists(self.path):
-            self.records = [r for r in read_metrics(self.path) if r["step"] <= step]
-        with open(self.path + ".tmp", "w") as f:  # the records kept, written whole, then renamed
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
-        os.replace(self.path + ".tmp", self.path)
-        if cfg["tensorboard"]:
-            optional_import("tensorboard")
-            from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(cfg["out"], "tensorboard"), purge_step=step + 1)
-        if cfg["wandb"]:
-            wandb = optional_import("wandb")
-            self.wandb = wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run"] or self.name, config=cfg,
-                                    id=wandb_id, resume="allow" if wandb_id else None, allow_val_change=True,
-                                    dir=os.environ.get("WANDB_DIR", cfg["out"]))
-
-    @staticmethod
-    def scalars(record):
-        """The numbers of a record as TensorBoard / W&B tags: train/KEY, or eval/KEY for an evaluation's."""
-        group = "eval" if "fid" in record else "train"
-        return {f"{group}/{k}": v for k, v in record.items()
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-    def __call__(self, record):
-        if self.rank > 0:
-            return
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for tag, value in self.scalars(record).items():
-                self.tensorboard.add_scalar(tag, value, record["step"])
-            self.tensorboard.flush()
-        if self.wandb is not None:
-            self.wandb.log(self.scalars(record), step=record["step"])
-
-    def draw(self, path):
-        """The run's curves (plots.py) into path."""
-        if self.rank == 0:
-            draw_curves({self.name: self.records}, path)
-
-    def close(self):
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-# ------------------------------------------------------------------------------------------ FID during training
-@contextlib.contextmanager
-def kept_matmul_precision():
-    """fid.py turns TF32 off for its features (TF32 moves FID visibly); training gets its own setting back."""
-    precision, cudnn_tf32 = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(precision)
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-
-
-def prepare_fid(cfg, rank, device):
-    """--eval-every's fixed parts, checked before step 1 (a bad --eval-ref fails here, naming the file): the
-    sampler, and on rank 0 the FID Inception and the reference's mu/sigma (computed once; a file's own are used
-    as they are, as ADM does); (sampler, None, None) on the other ranks."""
-    path = cfg["eval_ref"]
-    if not path or cfg["eval_samples"] < 2 or cfg["eval_batch_size"] < 1:
-        raise ValueError(f"--eval-every needs --eval-ref (an ADM .npz, or a fid.py --save-stats file), --eval-samples "
-                         f">= 2 and --eval-batch-size >= 1; got {path!r}, {cfg['eval_samples']}, "
-                         f"{cfg['eval_batch_size']}")
-    sampler = make_sampler(cfg["eval_steps"], cfg["eval_sampler"], cfg["eta"], cfg["spacing"])
-    ref = fid.read_stats(path)  # raises fid.InputError (a ValueError) naming the file
-    if "mu" not in ref:
-        fid.read_images(path, 1)  # no statistics: then it must hold arr_0 images
-    if rank > 0:
-        return sampler, None, None
-    inception = fid.load_inception(cfg["fid_weights"] or None, device)
-    if "mu" not in ref:
-        with kept_matmul_precision():
-            ref = fid.stats_from_activations(fid.compute_activations(inception, path, cfg["eval_batch_size"], device))
-    if ref["mu"].shape != (2048,):
-        raise ValueError(f"--eval-ref {path}: mu has shape {ref['mu'].shape}, FID's pool3 features have 2048")
-    return sampler, inception, ref
-
-
-def fid_name(n):
-    return f"FID-{n // 1000}K" if n % 1000 == 0 else f"FID-{n}"
-
-
-def fid_record(step, value, seconds, sampler, cfg):
-    """The metrics.jsonl record of an evaluation."""
-    return dict(step=step, fid=value, eval_samples=cfg["eval_samples"], sampler=sampler.sampler,
-                sampler_steps=len(sampler.timesteps), cfg_scale=cfg["cfg_scale"], seconds=seconds)
-
-
-def fid_line(r, first):
-    """The train.log line of an evaluation; the first one adds its cost, to size --eval-every by."""
-    n, seconds = r["eval_samples"], r["seconds"]
-    cost = f" (the first evaluation: {1000 * seconds / n:.1f} s per 1,000 samples)" if first else ""
-    return (f"step {r['step']} | {fid_name(n)} {r['fid']:.4f} | {n} EMA samples, {r['sampler']} {r['sampler_steps']} "
-            f"steps, CFG {r['cfg_scale']:g} | {seconds:.1f} s{cost}")
-
-
-def evaluate_fid(ema, vae, data, tokenizer, sampler, inception, ref, cfg, dtype, rank, world, device):
-    """FID of --eval-samples EMA samples against the reference's mu/sigma: balanced classes (class = index mod
-    classes), or for a text model the first captions of evenly spaced training images, cycled; seeded by --seed
-    alone, so every evaluation sees the same noise. Every rank samples its share (engine.sample_images: global
-    batches r, r + world, ...; the samples do not depend on the number of ranks), rank 0 gathers them and
-    measures them with fid.py's functions. Returns the FID on rank 0, None on the others."""
-    n = cfg["eval_samples"]
-    if tokenizer is None:
-        cond = dict(classes=list(range(data.num_classes)))
-    else:
-        images = torch.linspace(0, len(data) - 1, min(n, len(data))).round().long()
-        cond = dict(prompts=[data.captions[int(i)][0] for i in images], tokenizer=tokenizer)
-    samples, labels, index = sample_images(ema, vae, data.scale_factor, n, diffusion=sampler,
-                                           cfg_scale=cfg["cfg_scale"], seed=cfg["seed"],
-                                           batch_size=cfg["eval_batch_size"], dtype=dtype, rank=rank,
-                                           world_size=world, **cond)
-    samples, _ = gather(samples, labels, index, rank, world, cfg["out"])
-    if rank > 0:
-        return None
-    with kept_matmul_precision():
-        stats = fid.compute_stats(samples, inception, cfg["eval_batch_size"], device)
-    return fid.frechet_distance(stats["mu"], stats["sigma"], ref["mu"], ref["sigma"])  # ADM: samples first
+    save_grid(images, path, ncol=cols, captions=captions, zoom_to=GRID_PIXELS)
 
 
 def train(cfg, rank, world, device):
     out, micro = cfg["out"], world * cfg["grad_accum"]
-    dtype = check_options(cfg, world, device)
+    dtype = check_train_options(cfg, world, device)
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -428,7 +221,7 @@ def train(cfg, rank, world, device):
     fid_eval = prepare_fid(cfg, rank, device) if cfg["eval_every"] else None
 
     # data, model, optimizer; a resumed run takes all but the data from the checkpoint
-    data_dir, data, tokenizer = open_data(cfg, rank)
+    data_dir, data, tokenizer = open_train_data(cfg, rank)
     data_info = {"vae": data.vae, "vae_ckpt": data.meta.get("vae_ckpt"), "scale_factor": data.scale_factor,
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
@@ -462,7 +255,7 @@ def train(cfg, rank, world, device):
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast(dtype, device)
     diffusion = Diffusion()  # training's: the 1000-step schedule
-    grid_sampler = make_sampler(cfg["sample_steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
+    grid_sampler = make_diffusion(cfg["grid_steps"], cfg["grid_sampler"], cfg["eta"], cfg["spacing"])
     L, micro_size = model.num_tokens, cfg["batch_size"] // micro
     log(f"config: {json.dumps(cfg)}")
     what = (f"{len(data)} images with {sum(map(len, data.captions))} captions ({tokenizer.kind} tokenizer, "
@@ -510,7 +303,7 @@ def train(cfg, rank, world, device):
         log_now = step % cfg["log_every"] == 0 or step == cfg["max_steps"]
         save_now = step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]
         if log_now or save_now:
-            new_losses, new_text_losses, norm = read_stats(pending, micro, world, step - len(pending) + 1, ckpt_path)
+            new_losses, new_text_losses, norm = read_step_stats(pending, micro, world, step - len(pending) + 1, ckpt_path)
             pending.clear()
             losses += new_losses
             text_losses += new_text_losses
@@ -543,7 +336,7 @@ def train(cfg, rank, world, device):
             save_checkpoint(state, out, cfg["keep_every"] and step % cfg["keep_every"] == 0)
             metrics.draw(os.path.join(out, "curves.png"))
         if rank == 0 and cfg["grid_classes"] and cfg["grid_per_class"] and (
-                (cfg["sample_every"] and step % cfg["sample_every"] == 0) or step == cfg["max_steps"]):
+                (cfg["grid_every"] and step % cfg["grid_every"] == 0) or step == cfg["max_steps"]):
             path = os.path.join(out, f"samples_{step:07d}.png")
             save_sample_grid(ema, cfg, data, tokenizer, vae, grid_sampler, amp, path)
             log(f"step {step} | EMA samples: {path}")
@@ -553,11 +346,11 @@ def train(cfg, rank, world, device):
     summary = {"step": step, "losses": losses, "fids": fids, "seconds": time.time() - t_start}
     if rank == 0 and cfg["eval_per_class"] and data.vae == "none":
         if not cfg["data"] and cfg["demo"] == "combinations":
-            summary.update(shapes.evaluate_combination_demo(ema, cfg, data, vae, grid_sampler, amp, log))
+            summary.update(demos.evaluate_combination_demo(ema, cfg, data, vae, grid_sampler, amp, log))
         elif tokenizer is None:
-            summary.update(shapes.evaluate_class_demo(ema, cfg, data, grid_sampler, amp, log))
+            summary.update(demos.evaluate_class_demo(ema, cfg, data, grid_sampler, amp, log))
         elif not cfg["data"]:
-            summary.update(shapes.evaluate_caption_demo(ema, cfg, data, tokenizer, vae, grid_sampler, amp, log))
+            summary.update(demos.evaluate_caption_demo(ema, cfg, data, tokenizer, vae, grid_sampler, amp, log))
     return summary
 
 

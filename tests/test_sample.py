@@ -16,16 +16,16 @@ import torch
 from PIL import Image
 
 import checkpoint
-import engine
+import inference
 import mask
 import sample
-import tokenizer as text_lib
+import tokenization
 from diffusion import Diffusion
 from model import CausalFusion, patchify
-from test_all import _authors_state_dict
+from test_core import _authors_state_dict
 from vae import build_vae
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 TMP = tempfile.TemporaryDirectory()  # checkpoints shared by the tests of one run
 
 
@@ -95,7 +95,7 @@ def reference_tokens(model, labels, batch_seed, diffusion, ar_steps=1, split="eq
     A text model's CFG branch is the image-first layout (the image sees no text)."""
     n, L, P = len(labels if text is None else text), model.num_tokens, model.token_dim
     g = torch.Generator().manual_seed(batch_seed)
-    pos, sizes = engine.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
+    pos, sizes = inference.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
     ids = mask.step_ids_from_sizes(sizes).expand(n, L)
     y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 and text is None else labels
@@ -134,8 +134,8 @@ def run_cli(*args, torchrun=False):
     """python sample.py ARGS (or torchrun with 2 CPU processes) in a subprocess; returns its stdout."""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *launcher, os.path.join(HERE, "sample.py"), *map(str, args)],
-                          cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "sample.py"), *map(str, args)],
+                          cwd=TMP.name, env=env, capture_output=True, text=True, timeout=300)  # out/ goes there
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -144,14 +144,14 @@ def run_cli(*args, torchrun=False):
 def test_same_seed_same_samples():
     model, _ = random_model()
     vae, kw = build_vae("none"), dict(ar_steps=3, split="random", diffusion=Diffusion(10), batch_size=3)
-    a = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
-    b = engine.sample_images(model, vae, 1.0, 7, seed=5, **kw)
-    c = engine.sample_images(model, vae, 1.0, 7, seed=6, **kw)
+    a = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
+    b = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
+    c = inference.sample_images(model, vae, 1.0, 7, seed=6, **kw)
     assert a[0].shape == (7, 8, 8, 3) and a[0].dtype == np.uint8
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0]) and not np.array_equal(a[1], c[1])  # images and random classes
     # two ranks' shares, put in index order, are the one-process samples
-    shares = [engine.sample_images(model, vae, 1.0, 7, seed=5, rank=r, world_size=2, **kw) for r in (0, 1)]
+    shares = [inference.sample_images(model, vae, 1.0, 7, seed=5, rank=r, world_size=2, **kw) for r in (0, 1)]
     order = np.argsort(np.concatenate([s[2] for s in shares]))
     assert np.array_equal(np.concatenate([s[0] for s in shares])[order], a[0])
 
@@ -159,12 +159,12 @@ def test_same_seed_same_samples():
 def test_ar_mode_one_step_is_diffusion_mode():
     model, _ = random_model()
     labels, diffusion = torch.tensor([0, 3, 1]), Diffusion(20)
-    got = engine.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
+    got = inference.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
     # the same draws through generate() with one AR step of all L tokens: bit-identical
     g = torch.Generator().manual_seed(11)
-    order, sizes = engine.ar_plan(3, torch.arange(16), 1, "equal", "random", g)
+    order, sizes = inference.ar_plan(3, torch.arange(16), 1, "equal", "random", g)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
-    direct = engine.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
+    direct = inference.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
     assert sizes == [16] and torch.equal(got, direct)
     # and DiT-style diffusion sampling without a cache: all L noisy tokens in every forward
     assert_close(got, reference_tokens(model, labels, 11, Diffusion(20), cfg_scale=2.0, cfg_interval=(0, 600)))
@@ -176,7 +176,7 @@ def test_ar_mode_matches_full_recompute():
     model, _ = random_model()
     labels = torch.tensor([2, 0])
     for kw in (dict(ar_steps=16), dict(ar_steps=3, split="random", order="raster", cfg_scale=3.0)):
-        got = engine.sample_batch(model, Diffusion(8), labels, 4, **kw)
+        got = inference.sample_batch(model, Diffusion(8), labels, 4, **kw)
         assert_close(got, reference_tokens(model, labels, 4, Diffusion(8), **kw))
 
 
@@ -188,7 +188,7 @@ def test_fast_samplers_ar_mode_match_full_recompute():
     for sampler, eta in (("ddim", 0.0), ("ddim", 0.7), ("dpm++", None), ("dpm++sde", None)):
         diffusion = Diffusion(6, sampler=sampler, eta=eta)
         kw = dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700))
-        got = engine.sample_batch(model, diffusion, labels, 9, **kw)
+        got = inference.sample_batch(model, diffusion, labels, 9, **kw)
         assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
 
 
@@ -196,7 +196,7 @@ def test_overfit_model_ar_modes_are_class_consistent():
     model, _ = overfit_model()
     vae = build_vae("none")
     for S in (1, 2, 4, 8):
-        images, labels, _ = engine.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, diffusion=Diffusion(30),
+        images, labels, _ = inference.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, diffusion=Diffusion(30),
                                                  seed=S)
         assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
         assert labels.tolist() == [0, 1, 2, 3] * 2
@@ -205,7 +205,7 @@ def test_overfit_model_ar_modes_are_class_consistent():
 
 def test_edit_keeps_tokens_bit_identical():
     model, path = overfit_model()
-    originals = engine.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
+    originals = inference.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
     mask_png = os.path.join(TMP.name, "mask.png")
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((2, 2), np.uint8))).save(mask_png)  # diagonal
     for keep, kw in (("outer", {}), ("top", dict(ar_steps=4)), (mask_png, dict(ar_steps=12, cfg_scale=2.0))):
@@ -219,7 +219,7 @@ def test_edit_keeps_tokens_bit_identical():
     assert sample.keep_mask(mask_png, 4).equal(torch.eye(4, dtype=torch.bool))
 
     # the command line on a stored image (vae none: the pixels of the kept region come back exactly)
-    images = engine.tokens_to_images(originals, model, build_vae("none"), 1.0)
+    images = inference.tokens_to_images(originals, model, build_vae("none"), 1.0)
     np.savez(os.path.join(TMP.name, "orig.npz"), arr_0=images)
     out_dir = os.path.join(TMP.name, "edit")
     sample.main(["--ckpt", path, "--edit", os.path.join(TMP.name, "orig.npz"), "--edit-index", "1", "--keep", "top",
@@ -305,9 +305,9 @@ def test_random_and_balanced_classes():
     assert sample.parse_classes([], 4) is None and sample.parse_classes(["random"], 4) is None
     assert sample.parse_classes(["balanced"], 4) == [0, 1, 2, 3]
     assert sample.parse_classes(["blue", "0"], 4, ["red", "blue", "top", "left"]) == [1, 0]
-    balanced = engine.class_labels(4000, sample.parse_classes(["balanced"], 1000), 1000, seed=0)
+    balanced = inference.class_labels(4000, sample.parse_classes(["balanced"], 1000), 1000, seed=0)
     assert torch.bincount(balanced, minlength=1000).eq(4).all()  # 4 of every class
-    random = engine.class_labels(4000, None, 1000, seed=0)
+    random = inference.class_labels(4000, None, 1000, seed=0)
     assert random.min() >= 0 and random.max() < 1000 and torch.bincount(random, minlength=1000).float().std() > 1
 
 
@@ -384,11 +384,11 @@ def test_non_finite_batch_stops_with_its_seed():
     with torch.no_grad():
         broken.final_layer[1].bias[0] = float("nan")
     try:
-        engine.sample_images(broken, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)
+        inference.sample_images(broken, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)
         raise AssertionError("a NaN batch must stop the run")
     except FloatingPointError as e:
         assert "batch 0 (samples 0..1, batch seed 7000021 of --seed 7)" in str(e), str(e)
-    engine.sample_images(model, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)  # finite
+    inference.sample_images(model, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)  # finite
 
 
 # ------------------------------------------------------------------------------------------ text models
@@ -405,7 +405,7 @@ def save_text_ckpt(model, path, tokenizer):
 
 def text_model(path_name="text.pt", **kw):
     """Untrained tiny text model (byte tokenizer, 12 text tokens, random heads) and its checkpoint."""
-    tok = text_lib.ByteTokenizer()
+    tok = tokenization.ByteTokenizer()
     torch.manual_seed(0)
     model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=3, num_classes=0, text_vocab=tok.vocab_size,
                          text_len=12, **kw)
@@ -417,9 +417,9 @@ def overfit_text_model():
     """A tiny text model trained (~20 s, train.py's loss) on the 4 templates, captioned by WORDS, half of the
     examples text-first (text-to-image), half image-first (captioning, and the unconditional image loss)."""
     path = os.path.join(TMP.name, "overfit_text.pt")
-    tok = text_lib.ByteTokenizer()
+    tok = tokenization.ByteTokenizer()
     if not os.path.exists(path):
-        from training import forward_losses
+        from train_step import forward_losses
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
@@ -431,7 +431,7 @@ def overfit_text_model():
             k = torch.randint(4, (n,), generator=g)
             order = mask.token_order(n, 4, 4, "random", g)
             steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
-            text, lengths, _ = text_lib.tokenize(tok, [WORDS[i] for i in k], 12)
+            text, lengths, _ = tokenization.tokenize(tok, [WORDS[i] for i in k], 12)
             b = dict(clean=patchify(templates()[k], 2).gather(1, order[..., None].expand(n, L, 12)), y=None,
                      noise=torch.randn(n, L, 12, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
                      order=order, steps=steps, text=text, text_len=lengths, text_after=torch.rand(n, generator=g) < 0.5)
@@ -447,22 +447,22 @@ def test_text_to_image_matches_full_recompute():
     # the text in the KV cache (prompts of different lengths; CFG's no-text half) gives what recomputing the
     # whole [text | clean | noisy] sequence under the mask gives, in diffusion and AR mode
     model, _, tok = text_model()
-    text, lengths, _ = text_lib.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
+    text, lengths, _ = tokenization.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
     for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
-        got = engine.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
+        got = inference.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
         assert_close(got, reference_tokens(model, None, 3, Diffusion(6), text=text, text_lengths=lengths, **kw))
 
 
 def test_overfit_text_model_generates_and_captions():
     model, path, tok = overfit_text_model()
     vae = build_vae("none")
-    images, prompts, _ = engine.sample_images(model, vae, 1.0, 8, diffusion=Diffusion(30), seed=1, prompts=WORDS,
+    images, prompts, _ = inference.sample_images(model, vae, 1.0, 8, diffusion=Diffusion(30), seed=1, prompts=WORDS,
                                               tokenizer=tok, ar_steps=4, cfg_scale=2.0)
     assert list(prompts) == WORDS * 2
     assert (nearest_template(images) == np.arange(8) % 4).mean() >= 0.75, nearest_template(images)
     tokens = patchify(templates(), 2)  # the clean images, (4, 16, 12)
-    assert engine.caption_images(model, tokens, tok) == WORDS
-    sampled = engine.caption_images(model, tokens, tok, temperature=1.0, top_k=1, generator=torch.Generator())
+    assert inference.caption_images(model, tokens, tok) == WORDS
+    sampled = inference.caption_images(model, tokens, tok, temperature=1.0, top_k=1, generator=torch.Generator())
     assert sampled == WORDS  # top-1 sampling is greedy
 
 
@@ -491,6 +491,6 @@ def test_text_model_command_line():
     for args, expected in ((["--ckpt", class_ckpt, "--prompts", "red"], "class-conditional"),
                            (["--ckpt", path], "--prompts"),
                            (["--ckpt", path, "--caption", folder, "--out", "x.npz"], ".jsonl")):
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), *args], cwd=TMP.name,
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=TMP.name,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -10,11 +10,11 @@ import tempfile
 import torch
 
 import checkpoint
-import finetune
+from finetune import finetune
 import train
 from test_train import TINY, _tiny_data
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 TMP = tempfile.TemporaryDirectory()  # a pretrained tiny checkpoint shared by the tests of one run
 
 
@@ -115,11 +115,11 @@ def test_lars_step_by_hand():
 
 def _run_until_first_checkpoint(args):
     """finetune.main(args) in a subprocess, killed right after it writes its first checkpoint."""
-    proc = subprocess.run([sys.executable, "-c", f"import checkpoint, finetune, torch\ntorch.set_num_threads("
+    proc = subprocess.run([sys.executable, "-c", f"import checkpoint, torch\nfrom finetune import finetune\ntorch.set_num_threads("
                            f"{torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
                            f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
                            f"finetune.save_checkpoint = stop\nfinetune.main({args!r})"],
-                          cwd=HERE, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
 
 
@@ -171,7 +171,7 @@ def test_torchrun_two_ranks_match_grad_accum():
     with tempfile.TemporaryDirectory() as tmp:
         one = finetune.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                              "finetune.py", *args, "--out", os.path.join(tmp, "two")], cwd=HERE,
+                              "-m", "finetune.finetune", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         two = torch.load(os.path.join(tmp, "two", "ckpt.pt"), weights_only=True)
@@ -226,7 +226,7 @@ def _caption_steps(freeze, steps=2):
                head_encoder_layers=1, head_decoder_layers=1)
     model, _, opt, recipe, tok, text_len = finetune.build_captioner(cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids, lengths, _ = finetune.text_lib.tokenize(tok, ["a red star", "a small blue plus in the top left"], text_len)
+    ids, lengths, _ = finetune.tokenization.tokenize(tok, ["a red star", "a small blue plus in the top left"], text_len)
     for _ in range(steps):
         logits = model(torch.randn(2, 3, 8, 8), ids[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
@@ -262,8 +262,8 @@ def test_caption_body_frozen_or_at_its_own_lr():
 def test_caption_cider_evaluation_maxes_for_perfect_captions():
     ckpt, _ = pretrained()
     with tempfile.TemporaryDirectory() as tmp:
-        data = finetune.LatentData(finetune.shapes.build_caption_demo_data(tmp, 8, 8, 3, 0))
-        tok = finetune.text_lib.build_tokenizer("")
+        data = finetune.LatentData(finetune.demos.build_caption_demo_data(tmp, 8, 8, 3, 0))
+        tok = finetune.tokenization.build_tokenizer("")
 
         class Oracle(torch.nn.Module):  # captions the images in order: their references, or shifted by one
             def __init__(self, shift):
@@ -273,7 +273,7 @@ def test_caption_cider_evaluation_maxes_for_perfect_captions():
             def caption(self, latents, bos, eos):
                 refs = [data.captions[(self.i + k + self.shift) % len(data)][0] for k in range(len(latents))]
                 self.i += len(latents)
-                return finetune.text_lib.tokenize(tok, refs, 45)[0]
+                return finetune.tokenization.tokenize(tok, refs, 45)[0]
 
         args = (tok, 3, torch.device("cpu"), finetune.contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
         perfect, captions = finetune.evaluate_captions(Oracle(0), data, *args)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mask
-import tokenizer as text_lib
+import tokenization
 from model import patchify
 
 
@@ -25,7 +25,7 @@ def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None
     n, L = len(indices), model.num_tokens
     y = torch.where(torch.rand(n, generator=g) < cfg["class_dropout"], model.null_class, y)
     order = mask.token_order(n, model.grid_size, model.grid_size, cfg["order"], g, cfg["order_block"])
-    draws = n if cfg["split"] == "sample" else 1  # per batch: one S and one split for the whole micro-batch
+    draws = n if cfg["split_per"] == "sample" else 1  # per batch: one S and one split for the whole micro-batch
     num_steps = mask.sample_num_steps(draws, L, cfg["gamma"], g)
     steps = mask.sample_step_ids(torch.ones_like(num_steps) if cfg["transfusion"] else num_steps, L, g)
     steps = steps.expand(n, L).contiguous()  # (B, L)
@@ -45,7 +45,7 @@ def draw_micro_batch(data, model, indices, g, cfg, num_timesteps, tokenizer=None
     if tokenizer is not None:
         pick = torch.rand(n, generator=g).tolist()
         captions = [data.captions[i][int(u * len(data.captions[i]))] for i, u in zip(indices.tolist(), pick)]
-        batch["text"], batch["text_len"], batch["truncated"] = text_lib.tokenize(tokenizer, captions, cfg["text_len"])
+        batch["text"], batch["text_len"], batch["truncated"] = tokenization.tokenize(tokenizer, captions, cfg["text_len"])
         batch["text_after"] = torch.rand(n, generator=g) >= cfg["text_first"]
     return batch
 

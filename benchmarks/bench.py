@@ -1,9 +1,9 @@
 """Speed of training and sampling, the fast path against a plain reference path, in one run; and the samplers'
 quality against their step counts on a checkpoint of the class demo.
 
-    python bench.py                                  # CPU: size T on 16x16x3 pixels (the demo's shape)
-    python bench.py --device cuda --size L --input-size 32 --in-channels 4 --batch-size 32 --compile
-    python bench.py --device cuda --what sample --size XL --input-size 16 --in-channels 16 --patch-size 1 \
+    python -m benchmarks.bench                                  # CPU: size T on 16x16x3 pixels (the demo's shape)
+    python -m benchmarks.bench --device cuda --size L --input-size 32 --in-channels 4 --batch-size 32 --compile
+    python -m benchmarks.bench --device cuda --what sample --size XL --input-size 16 --in-channels 16 --patch-size 1 \
         --num-cond-tokens 64 --steps 250 --sample-scales 1.5 --ar-steps 1 4 16
 
 Training: one optimizer step (forward, backward, clip, AdamW, EMA) on fixed inputs, timed for the fast path
@@ -13,7 +13,7 @@ through the KV cache, same samples and DDPM steps, with and without CFG. Medians
 and --sample-repeats after a warm-up, in rounds that run every configuration once, so that the ratios
 hold on a shared machine; CUDA is synchronized before every clock read.
 
-    python bench.py --what quality --ckpt out/demo/ckpt.pt            # every sampler x steps, S = 1 and 4
+    python -m benchmarks.bench --what quality --ckpt out/demo/ckpt.pt            # every sampler x steps, S = 1 and 4
 
 Quality: for each --quality-runs sampler and each --quality-ar-steps S, --quality-samples class-balanced samples
 per seed (--quality-seeds seeds) of the demo checkpoint at --quality-cfg, scored against fresh demo images by the
@@ -33,15 +33,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import mask
-import shapes
+import demos
 from checkpoint import load_checkpoint
-from config import parse_config
+from runtime import parse_config
 from diffusion import Diffusion
-from engine import make_sampler, sample_batch, sample_images
+from inference import make_diffusion, sample_batch, sample_images
 from fid import frechet_distance
 from model import CausalFusion
 from runtime import autocast, autocast_dtype
-from training import ema_update, forward_losses
+from train_step import ema_update, forward_losses
 from vae import build_vae
 
 config = dict(
@@ -69,7 +69,7 @@ config = dict(
     ckpt="",  # --what quality: a checkpoint of the class demo (python train.py)
     quality_runs=("ddpm:250", "ddpm:50", "ddpm:20", "ddim:50", "ddim:20", "ddim:10", "ddim:20:eta=1", "ddim:10:eta=1",
                   "dpm++:20", "dpm++:10", "dpm++:5", "dpm++sde:20", "dpm++sde:10", "dpm++sde:5"),  # NAME:STEPS[:eta=E]
-    # [:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing)
+      # [:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing)
     quality_ar_steps=(1, 4),  # --what quality: AR steps S of each run
     quality_samples=500,  # --what quality: samples per run and seed, the classes in turn
     quality_seeds=3,  # --what quality: seeds per run (the spread is over them)
@@ -211,20 +211,20 @@ def parse_sampler(spec, option):
     """NAME:STEPS[:eta=E][:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing) -> its sampler."""
     name, _, rest = spec.partition(":")
     steps, *extras = rest.split(":")
-    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_sampler's error
+    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_diffusion's error
     for item in extras:
         key, _, value = item.partition("=")
         if key not in ("eta", "spacing"):
             raise ValueError(f"{option} {spec!r}: expected NAME:STEPS[:eta=E][:spacing=S], e.g. dpm++:20")
         options[key] = float(value) if key == "eta" else value
-    return make_sampler(**options)
+    return make_diffusion(**options)
 
 
 def bench_sample(cfg, device, dtype):
     model = build_model(cfg, device).eval()
     n, L = cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
-    samplers = [make_sampler(cfg["steps"])] + [parse_sampler(spec, "--samplers") for spec in cfg["samplers"]]
+    samplers = [make_diffusion(cfg["steps"])] + [parse_sampler(spec, "--samplers") for spec in cfg["samplers"]]
     samplers = {f"{d.sampler}-{len(d.timesteps)}": d for d in samplers}
     runs = {}
     for sampler, diffusion in samplers.items():
@@ -232,7 +232,7 @@ def bench_sample(cfg, device, dtype):
             for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
                 run = functools.partial(sample_batch, model, labels=labels, batch_seed=cfg["seed"], ar_steps=s,
                                         cfg_scale=scale, dtype=dtype)
-                run(diffusion=make_sampler(2, diffusion.sampler))  # warm-up: the same calls, two steps
+                run(diffusion=make_diffusion(2, diffusion.sampler))  # warm-up: the same calls, two steps
                 runs[(sampler, scale, s)] = functools.partial(run, diffusion=diffusion)
     results = {key: seconds for key, (seconds, _) in timed_rounds(runs, cfg["sample_repeats"], device).items()}
     rows, first = {}, min(s for _, _, s in results)  # S = 1 unless --ar-steps leaves it out
@@ -253,16 +253,16 @@ def bench_quality(cfg, device, dtype):
     if not cfg["ckpt"]:
         raise ValueError("--what quality needs --ckpt: a checkpoint of the class demo (python train.py)")
     model, meta = load_checkpoint(cfg["ckpt"])
-    if meta["vae"] != "none" or meta["num_classes"] != len(shapes.SHAPES):
+    if meta["vae"] != "none" or meta["num_classes"] != len(demos.SHAPES):
         raise ValueError(f"--ckpt {cfg['ckpt']}: --what quality scores the class demo's pixels; train it with "
                          f"python train.py")
     model.to(device)
     size, n, seeds = meta["image_size"], cfg["quality_samples"], range(cfg["quality_seeds"])
-    real, real_labels = shapes.draw_shapes(cfg["quality_real"] // 10, size, seed=10_000)  # unseen in training
+    real, real_labels = demos.draw_shapes(cfg["quality_real"] // 10, size, seed=10_000)  # unseen in training
     real_mu, real_cov = pixel_stats(real)
     real_x = torch.from_numpy(real.reshape(len(real), -1)).float()
     fd = lambda images: frechet_distance(*pixel_stats(images), real_mu, real_cov)
-    floor = [fd(shapes.draw_shapes(n // 10, size, seed=20_000 + s)[0]) for s in seeds]
+    floor = [fd(demos.draw_shapes(n // 10, size, seed=20_000 + s)[0]) for s in seeds]
     print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}")
     results, vae = {}, build_vae("none")
     for spec in cfg["quality_runs"]:
@@ -333,4 +333,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:  # bad options or files: the message names them
-        sys.exit(f"bench.py: error: {e}")
+        sys.exit(f"benchmarks.bench: error: {e}")

@@ -16,25 +16,25 @@ import numpy as np
 import torch
 from PIL import Image
 
-import shapes
-import tokenizer as text_lib
+import demos
+import tokenization
 import mask
 import runtime
 import train
-import training
+import train_step
 from diffusion import Diffusion
 from latents import LatentData, extract
 from model import CausalFusion, patchify
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 TINY = ["--size", "T", "--patch-size", "2", "--num-cond-tokens", "4", "--batch-size", "8", "--lr", "1e-3",
-        "--warmup-steps", "2", "--ema-decay", "0.9", "--log-every", "1", "--sample-every", "0", "--grid-classes", "2",
-        "--grid-per-class", "1", "--sample-steps", "2", "--eval-per-class", "0"]
+        "--warmup-steps", "2", "--ema-decay", "0.9", "--log-every", "1", "--grid-every", "0", "--grid-classes", "2",
+        "--grid-per-class", "1", "--grid-steps", "2", "--eval-per-class", "0"]
 
 
 def _tiny_data(root, size=8, per_class=4):
     """The demo's shapes at `size` pixels, extracted in pixel space; returns the extraction directory."""
-    images, labels = shapes.draw_shapes(per_class, size, seed=0)
+    images, labels = demos.draw_shapes(per_class, size, seed=0)
     for i, (image, label) in enumerate(zip(images, labels)):
         os.makedirs(os.path.join(root, "images", str(label)), exist_ok=True)
         Image.fromarray(image).save(os.path.join(root, "images", str(label), f"{i}.png"))
@@ -61,7 +61,7 @@ def test_micro_batch_draws():
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, per_step_t=True, class_dropout=0.5)
         idx = runtime.step_indices(0, 16, len(data), seed=0)
-        b = training.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = train_step.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000)
         clean, noise, t, y, order, steps = (b[k] for k in ("clean", "noise", "t", "y", "order", "steps"))
         assert clean.shape == noise.shape == (16, 16, 12) and t.shape == steps.shape == order.shape == (16, 16)
         # clean tokens: the latents drawn by LatentData.batch with the same stream, in each sample's AR order
@@ -86,7 +86,7 @@ def test_ddp_two_processes_match_one_process():
         env = dict(os.environ, OMP_NUM_THREADS="1")
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                               "train.py", *args, "--out", os.path.join(tmp, "two")],
-                             cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         with open(os.path.join(tmp, "two", "train.log")) as f:
             two_losses = [float(v) for v in re.findall(r"\| loss ([0-9.e+-]+)", f.read())]
@@ -162,7 +162,7 @@ def test_training_steps_read_nothing_back_from_the_device():
     # works on host tensors by design: 8 steps must make exactly as many as 4 steps (the end's logging and grid)
     names = ("item", "tolist", "__bool__", "__float__", "__int__")
     real = {name: getattr(torch.Tensor, name) for name in names}
-    ours = {os.path.join(HERE, f) for f in ("train.py", "model.py", "diffusion.py", "mask.py", "sample.py")}
+    ours = {os.path.join(ROOT, f) for f in ("train.py", "model.py", "diffusion.py", "mask.py", "sample.py")}
     reads, in_data = [], [False]
 
     def counting(name):
@@ -173,7 +173,7 @@ def test_training_steps_read_nothing_back_from_the_device():
             return real[name](self, *a, **kw)
         return read
 
-    real_draw = training.draw_micro_batch
+    real_draw = train_step.draw_micro_batch
 
     def draw(*a, **kw):
         in_data[0] = True
@@ -186,7 +186,7 @@ def test_training_steps_read_nothing_back_from_the_device():
         args = TINY + ["--data", _tiny_data(tmp), "--log-every", "100", "--ckpt-every", "100"]
         counts = {}
         try:
-            training.draw_micro_batch = draw
+            train_step.draw_micro_batch = draw
             for name in names:
                 setattr(torch.Tensor, name, counting(name))
             for steps in (4, 8):
@@ -194,7 +194,7 @@ def test_training_steps_read_nothing_back_from_the_device():
                 train.main(args + ["--max-steps", str(steps), "--out", os.path.join(tmp, str(steps))])
                 counts[steps] = sorted(reads)
         finally:
-            training.draw_micro_batch = real_draw
+            train_step.draw_micro_batch = real_draw
             for name in names:
                 setattr(torch.Tensor, name, real[name])
         assert counts[4] and counts[8] == counts[4], Counter(counts[8]) - Counter(counts[4])  # the reads per step
@@ -205,7 +205,7 @@ def test_demo_loss_falls_and_writes_outputs():
         # the demo's pipeline (shapes -> ImageFolder -> pixel-space extraction -> training), at 8 px
         summary = train.main(["--out", tmp, "--demo-image-size", "8", "--patch-size", "2", "--demo-per-class", "16",
                               "--batch-size", "32", "--max-steps", "80", "--warmup-steps", "10", "--ema-decay", "0.99",
-                              "--log-every", "20", "--sample-every", "0", "--grid-per-class", "2", "--sample-steps",
+                              "--log-every", "20", "--grid-every", "0", "--grid-per-class", "2", "--grid-steps",
                               "10", "--eval-per-class", "2"])
         losses = summary["losses"]
         assert np.mean(losses[-10:]) < 0.4 * np.mean(losses[:3]), (losses[:3], losses[-10:])
@@ -268,12 +268,12 @@ def test_checkpoint_of_other_size_or_latent_shape_is_refused():
 def _captioned_data(root, size=8, per_class=2):
     """The demo's shapes with captions ("a circle", or two captions for odd images) in a metadata.jsonl folder,
     extracted in pixel space; returns the extraction directory."""
-    images, labels = shapes.draw_shapes(per_class, size, seed=0)
+    images, labels = demos.draw_shapes(per_class, size, seed=0)
     folder = os.path.join(root, "images")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for i, (image, label) in enumerate(zip(images, labels)):
-            name = list(shapes.SHAPES)[label]
+            name = list(demos.SHAPES)[label]
             Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
             text = [f"a {name}", f"one {name} only"] if i % 2 else f"a {name}"
             f.write(json.dumps({"file_name": f"{i}.png", "text": text}) + "\n")
@@ -284,12 +284,12 @@ def _captioned_data(root, size=8, per_class=2):
 def test_captioned_micro_batch_draws():
     with tempfile.TemporaryDirectory() as tmp:
         data = LatentData(_captioned_data(tmp, per_class=4))
-        tok = text_lib.ByteTokenizer()
+        tok = tokenization.ByteTokenizer()
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=0,
                                    text_vocab=tok.vocab_size, text_len=12)
         cfg = dict(train.config, text_len=12, flip=False)
         idx = torch.arange(40)
-        b = training.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000, tok)
+        b = train_step.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000, tok)
         assert b["text"].shape == (40, 12) and b["text_len"].shape == b["text_after"].shape == (40,)
         drawn = []
         for i in range(40):  # each example's text is one of its image's captions, cut to 12 tokens with BOS, EOS
@@ -329,7 +329,7 @@ def test_captioned_run_resumes_bit_identical_and_logs_both_losses():
         learned = ["--learn-tokenizer", "400", "--out", os.path.join(tmp, "d")]
         train.main(args[:-6] + ["--max-steps", "2"] + learned)
         state = _load(os.path.join(tmp, "d", "ckpt.pt"))["tokenizer"]
-        tok = text_lib.from_state(state)
+        tok = tokenization.from_state(state)
         assert state["kind"] == "bpe" and _load(os.path.join(tmp, "d", "ckpt.pt"))["model_config"]["text_vocab"] == \
             tok.vocab_size < 400 and len(tok.encode("one triangle only")) == 3  # a token per word
         assert train.main(args + learned + ["--resume"])["step"] == 4
@@ -349,12 +349,12 @@ def test_single_step_runs_leave_out_the_clean_tokens():
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
         torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
         cfg = dict(train.config, gamma=0.0)
-        b = training.draw_micro_batch(data, model, torch.arange(16), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = train_step.draw_micro_batch(data, model, torch.arange(16), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         seen = []
         forward = model.forward
         model.forward = lambda clean, *a, **kw: seen.append(clean.shape[1]) or forward(clean, *a, **kw)
         with torch.no_grad():
-            loss = training.forward_losses(model, model, Diffusion(), b, cfg)[0]
+            loss = train_step.forward_losses(model, model, Diffusion(), b, cfg)[0]
             xt = Diffusion().q_sample(b["clean"], b["t"], b["noise"])
             attn = mask.causal_mask(b["steps"], b["steps"], model.num_prefix_tokens)
             eps = forward(b["clean"], xt, b["t"], b["y"], b["order"], attn)
@@ -370,18 +370,18 @@ def test_fixed_ar_steps_train_and_block_size():
         data = LatentData(_tiny_data(tmp))
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, ar_steps_train=4, order="block_raster", order_block=4)
-        b = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         assert torch.equal(b["steps"], torch.arange(4).repeat_interleave(4).expand(8, 16))
         assert torch.equal(b["order"][0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]))
         cfg["order_block"] = 2  # 2x2 blocks of the 4x4 grid, in raster order
-        b2 = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b2 = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
         assert b2["order"][0, :8].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
         steps = b["steps"][:1]
         authors = mask.causal_mask(steps[:, :12], steps, model.num_prefix_tokens)[0]  # steps 1..S-1 clean
-        from test_all import algorithm1_mask
+        from test_core import algorithm1_mask
         assert torch.equal(authors, algorithm1_mask([0, 4, 8, 12, 16], model.num_prefix_tokens))
         # the default (random S) stream is untouched by the option's existence
-        plain = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
+        plain = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
                                        dict(cfg, ar_steps_train=0, order_block=4), 1000)
         assert not plain["steps"].eq(b["steps"]).all() and torch.equal(plain["noise"], b["noise"])
 
@@ -396,7 +396,7 @@ def test_noisy_copies_and_per_batch_split():
         L, K = 16, 3
         for per_step_t in (False, True):
             cfg = dict(train.config, noisy_copies=K, per_step_t=per_step_t)
-            b = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+            b = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
             assert b["noise"].shape == (8, K * L, 12) and b["t"].shape == (8, K * L)
             t = b["t"].view(8, K, L)
             if per_step_t:  # one t per AR step of each copy
@@ -407,15 +407,15 @@ def test_noisy_copies_and_per_batch_split():
             else:
                 assert (t == t[:, :, :1]).all() and (t[:, 0] != t[:, 1]).any()
             with torch.no_grad():
-                loss = training.forward_losses(model, model, Diffusion(), b, cfg)[0]
-                parts = [training.forward_losses(model, model, Diffusion(),
+                loss = train_step.forward_losses(model, model, Diffusion(), b, cfg)[0]
+                parts = [train_step.forward_losses(model, model, Diffusion(),
                                               dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
                                               dict(cfg, noisy_copies=1))[0] for j in range(K)]
             assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5), (loss, parts)
         # the authors' split: one S and one split per micro-batch (the default draws one per sample)
-        per_batch = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
+        per_batch = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
                                            dict(train.config, split="batch"), 1000)["steps"]
-        per_sample = training.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), train.config,
+        per_sample = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), train.config,
                                             1000)["steps"]
         assert (per_batch == per_batch[:1]).all() and per_batch.max() > 0
         assert not (per_sample == per_sample[:1]).all()
@@ -425,19 +425,19 @@ def test_table1_ablations_train_and_sample():
     # a time-token model without QK norm trains through train.py, resumes with its options, and samples in AR mode
     with tempfile.TemporaryDirectory() as tmp:
         args = TINY + ["--data", _tiny_data(tmp), "--out", os.path.join(tmp, "run"), "--time-token", "--qk-norm",
-                       "false", "--split", "batch"]
+                       "false", "--split-per", "batch"]
         train.main(args + ["--max-steps", "3"])
         ckpt = torch.load(os.path.join(tmp, "run", "ckpt.pt"), map_location="cpu", weights_only=True)
         assert ckpt["model_config"]["time_token"] and not ckpt["model_config"]["qk_norm"]
         assert not [k for k in ckpt["model"] if "q_norm" in k]
         train.main(args + ["--max-steps", "4", "--resume"])
         out = os.path.join(tmp, "s.npz")
-        subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), "--ckpt", os.path.join(tmp, "run", "ckpt.pt"),
+        subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", os.path.join(tmp, "run", "ckpt.pt"),
                         "--num-samples", "2", "--steps", "3", "--ar-steps", "4", "--out", out], check=True,
                        capture_output=True, timeout=300)
         assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)
         for bad, word in ((["--time-token", "--per-step-t"], "--time-token"), (["--noisy-copies", "0"], "--noisy-copies"),
-                          (["--split", "image"], "--split")):
+                          (["--split-per", "image"], "--split-per")):
             try:
                 train.main(TINY + ["--data", os.path.join(tmp, "latents"), "--out", os.path.join(tmp, "bad"),
                                    "--max-steps", "1"] + bad)
@@ -455,7 +455,7 @@ def _metrics(out):
 
 def _die_at_step(step):
     """A forward_losses that raises KeyboardInterrupt at the forward of `step` (1-based; one micro-batch)."""
-    real, calls = training.forward_losses, []  # the real one, even while train's is replaced
+    real, calls = train_step.forward_losses, []  # the real one, even while train's is replaced
 
     def dying(*a, **kw):
         calls.append(1)
@@ -554,7 +554,7 @@ def test_fid_during_training_equals_fid_py_on_the_same_samples():
     # one evaluation (step 2 = the end) of 4 EMA samples against a reference of 4 images, with Inception weights in
     # the real layout (random values): logged, written to metrics.jsonl, and equal to fid.py's command on the same
     # samples regenerated through engine (balanced classes, seed --seed, the eval sampler)
-    import engine
+    import inference
     from checkpoint import load_checkpoint
     from test_fid import _weights_file
     from vae import build_vae
@@ -572,13 +572,13 @@ def test_fid_during_training_equals_fid_py_on_the_same_samples():
         assert len(evals) == 1 and evals[0]["step"] == 2 and evals[0]["fid"] == summary["fids"][0] > 0
         assert abs(float(m.group(1)) - evals[0]["fid"]) < 1e-4 and evals[0]["sampler"] == "dpm++sde"
         model, meta = load_checkpoint(os.path.join(out, "ckpt.pt"))  # the EMA of step 2
-        images, labels, _ = engine.sample_images(model, build_vae("none"), meta["scale_factor"], 4,
-                                                 classes=list(range(10)), diffusion=engine.make_sampler(3, "dpm++sde"),
+        images, labels, _ = inference.sample_images(model, build_vae("none"), meta["scale_factor"], 4,
+                                                 classes=list(range(10)), diffusion=inference.make_diffusion(3, "dpm++sde"),
                                                  cfg_scale=5.0, seed=0, batch_size=3)
         assert labels.tolist() == [0, 1, 2, 3]
         np.savez(os.path.join(tmp, "samples.npz"), arr_0=images)
         run = subprocess.run([sys.executable, "fid.py", ref, os.path.join(tmp, "samples.npz"), "--metrics", "fid",
-                              "--weights", _weights_file(), "--device", "cpu", "--batch-size", "3"], cwd=HERE,
+                              "--weights", _weights_file(), "--device", "cpu", "--batch-size", "3"], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         expected = float(re.search(r"FID: ([0-9.e+-]+)", run.stdout).group(1))
@@ -648,7 +648,7 @@ def test_fid_samples_under_torchrun_equal_one_process():
         with open(driver, "w") as f:
             f.write(f"""import sys
 import numpy as np
-sys.path.insert(0, {HERE!r})
+sys.path.insert(0, {ROOT!r})
 import train
 def keep(samples, *a, **kw):
     np.save(sys.argv[1], samples)
@@ -661,7 +661,7 @@ train.main(sys.argv[2:])
         torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"]
         for name, launcher in (("one", []), ("two", torchrun)):
             run = subprocess.run([sys.executable, *launcher, driver, os.path.join(tmp, f"{name}.npy"), *args, "--out",
-                                  os.path.join(tmp, name)], cwd=HERE, env=env, capture_output=True, text=True,
+                                  os.path.join(tmp, name)], cwd=ROOT, env=env, capture_output=True, text=True,
                                  timeout=300)
             assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         one, two = np.load(os.path.join(tmp, "one.npy")), np.load(os.path.join(tmp, "two.npy"))
@@ -684,7 +684,7 @@ def test_two_nodes_match_one_process():
         nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={r}",
                                    "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
                                    "train.py", *args, "--out", os.path.join(tmp, "two")],
-                                  cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for r in (0, 1)]
         outputs = [node.communicate(timeout=300)[0] for node in nodes]
         assert all(node.returncode == 0 for node in nodes), "\n".join(o[-3000:] for o in outputs)

@@ -15,7 +15,7 @@ import vae as vae_lib
 from images import center_crop
 from latents import ExtractionError, LatentData, extract
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 # a small KL autoencoder: 3 levels of different widths (so a reversed decoder fails), attention in both halves
 TINY = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=4, enc_attn_levels=(2,), dec_attn_levels=(0,))
 
@@ -441,7 +441,7 @@ def test_truncated_or_corrupt_extraction_files_are_named():
 
 def _extract_cli(root, out):
     """python extract_latents.py on root -> out (pixel space, 16 px) in a subprocess."""
-    return subprocess.run([sys.executable, os.path.join(HERE, "extract_latents.py"), "--data", root, "--vae",
+    return subprocess.run([sys.executable, os.path.join(ROOT, "extract_latents.py"), "--data", root, "--vae",
                            "none", "--image-size", "16", "--out", out, "--num-workers", "0"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from engine import caption_images, encode_images, sample_latents, tokens_to_images
+from inference import caption_images, encode_images, sample_latents, tokens_to_images
 from latents import extract
 from model import unpatchify
 

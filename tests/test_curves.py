@@ -1,4 +1,4 @@
-"""Tests of plots.py and curves.py: the PNG has the panels' size and each run's line is drawn where its data says."""
+"""Tests of train_monitor.py and curves.py: the PNG has the panels' size and each run's line is drawn where its data says."""
 import json
 import math
 import os
@@ -7,8 +7,8 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-import curves
-import plots
+from tools import curves
+import train_monitor
 
 
 def _records(loss, fid_scale, steps=range(10, 201, 10)):
@@ -33,12 +33,12 @@ def test_curves_size_and_lines_where_the_data_says():
     runs = {"a": _records(2.0, 1.0), "b": _records(0.05, 3.0)}
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "c.png")
-        axes = plots.draw_curves(runs, path)
+        axes = train_monitor.draw_curves(runs, path)
         image = np.asarray(Image.open(path).convert("RGB"))
-        w, h = plots.PANEL_SIZE
-        assert image.shape == (plots.LEGEND_HEIGHT + 2 * h, 2 * w, 3)  # 4 panels (no text loss), 2 per row
+        w, h = train_monitor.PANEL_SIZE
+        assert image.shape == (train_monitor.LEGEND_HEIGHT + 2 * h, 2 * w, 3)  # 4 panels (no text loss), 2 per row
         assert list(axes) == ["loss", "lr", "grad norm", "FID"] and axes["loss"].log and not axes["lr"].log
-        a, b = (np.array(c) for c in plots.COLORS[:2])
+        a, b = (np.array(c) for c in train_monitor.COLORS[:2])
         for panel, key in (("loss", "loss"), ("lr", "lr"), ("grad norm", "grad_norm"), ("FID", "fid")):
             ax = axes[panel]
             (x0, y0, x1, y1), (xa, xb), (ya, yb) = ax.box, ax.xlim, ax.ylim
@@ -58,7 +58,7 @@ def test_curves_size_and_lines_where_the_data_says():
         assert abs((yb - ya) - math.log10(40) * decade) < 1
         assert not _has_colour_near(image, ax.point(100, 0.05 * math.exp(-1)), a)
         # the FID panel: a run without evaluations leaves it, and its panel says so
-        empty = plots.draw_curves({"a": [r for r in runs["a"] if "fid" not in r]}, path)
+        empty = train_monitor.draw_curves({"a": [r for r in runs["a"] if "fid" not in r]}, path)
         assert empty["FID"] is None and empty["loss"] is not None
 
 
@@ -72,7 +72,7 @@ def test_curves_command_draws_two_runs_and_text_loss():
         out = os.path.join(tmp, "compare.png")
         curves.main([os.path.join(tmp, "run_a"), os.path.join(tmp, "run_b", "metrics.jsonl"), "--out", out])
         image = Image.open(out)
-        assert image.size == (2 * plots.PANEL_SIZE[0], plots.LEGEND_HEIGHT + 3 * plots.PANEL_SIZE[1])  # 5 panels
+        assert image.size == (2 * train_monitor.PANEL_SIZE[0], train_monitor.LEGEND_HEIGHT + 3 * train_monitor.PANEL_SIZE[1])  # 5 panels
         assert curves.run_names([os.path.join(tmp, "run_a"), os.path.join(tmp, "run_b", "metrics.jsonl")]) == \
             ["run_a", "run_b"]
         try:

@@ -1,4 +1,4 @@
-"""Tests of tokenizer.py (byte and LLaMA-3/tiktoken tokenizers) and cider.py (CIDEr-D). No downloads: the BPE
+"""Tests of tokenization.py (byte and LLaMA-3/tiktoken tokenizers) and coco/cider.py (CIDEr-D). No downloads: the BPE
 file is a small one written here in the real tokenizer.model layout, and the CIDEr-D values are recomputed by
 an independent loop-based transcription of the formula (and, for two images, by hand in the comments)."""
 import base64
@@ -13,15 +13,15 @@ import tempfile
 
 import torch
 
-import cider
-import tokenizer
+from coco import cider
+import tokenization
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
 def test_tokenizer_bytes_roundtrip_and_layout():
-    tok = tokenizer.build_tokenizer("")
+    tok = tokenization.build_tokenizer("")
     assert (tok.kind, tok.bos, tok.eos, tok.vocab_size) == ("bytes", 256, 257, 258)
     text = "a café — 東京 ☃"
     ids = tok.encode(text)
@@ -30,17 +30,17 @@ def test_tokenizer_bytes_roundtrip_and_layout():
     assert ids[:8] == [97, 32, 99, 97, 102, 0xC3, 0xA9, 32] and ids[-3:] == [0xE2, 0x98, 0x83]
     assert tok.decode([tok.bos] + ids + [tok.eos, tok.eos]) == text  # bos/eos are not text
     # length 5 leaves 3 caption slots: "hi" fits, "" is [bos, eos], "héllo" (6 bytes: é is c3 a9) is cut to 3
-    ids, lengths, truncated = tokenizer.tokenize(tok, ["hi", "", "héllo"], 5)
+    ids, lengths, truncated = tokenization.tokenize(tok, ["hi", "", "héllo"], 5)
     assert ids.dtype == lengths.dtype == torch.long and ids.shape == (3, 5)
     assert ids.tolist() == [[256, 104, 105, 257, 257],
                             [256, 257, 257, 257, 257],
                             [256, 104, 0xC3, 0xA9, 257]]
     assert lengths.tolist() == [4, 2, 5] and truncated == 1
     assert tok.decode(ids[2].tolist()) == "hé"
-    assert tok.decode(tokenizer.tokenize(tok, ["東"], 4)[0][0].tolist()) == "\ufffd"  # 2 of 3 bytes: replaced
-    assert tokenizer.tokenize(tok, ["abc", "abcd", "ab"], 4)[2] == 2
+    assert tok.decode(tokenization.tokenize(tok, ["東"], 4)[0][0].tolist()) == "\ufffd"  # 2 of 3 bytes: replaced
+    assert tokenization.tokenize(tok, ["abc", "abcd", "ab"], 4)[2] == 2
     try:
-        tokenizer.tokenize(tok, ["a"], 1)
+        tokenization.tokenize(tok, ["a"], 1)
     except ValueError:
         pass
     else:
@@ -68,7 +68,7 @@ def test_tokenizer_tiktoken_bpe_file():
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "tokenizer.model")
         n_ranks = _write_bpe(path)
-        tok = tokenizer.build_tokenizer(path)
+        tok = tokenization.build_tokenizer(path)
         assert tok.kind == "tiktoken" and n_ranks == 260
         assert (tok.bos, tok.eos, tok.vocab_size) == (260, 261, 260 + 256)
         # pre-tokens "abc" " ab" " a" " cab" " é"; by the merges: abc -> ab,c -> abc (257); " ab" -> " ",ab ->
@@ -86,7 +86,7 @@ def test_tokenizer_tiktoken_bpe_file():
         for i, name in names.items():
             assert tok.enc.decode_single_token_bytes(i) == name.encode(), i
         assert tok.enc.n_vocab == 516
-        ids, lengths, truncated = tokenizer.tokenize(tok, ["abc ab", "cab é"], 5)  # 2 and 5 tokens, 3 slots
+        ids, lengths, truncated = tokenization.tokenize(tok, ["abc ab", "cab é"], 5)  # 2 and 5 tokens, 3 slots
         assert ids.tolist() == [[260, 257, 259, 261, 261], [260, 66, 256, 220, 261]] and lengths.tolist() == [4, 5]
         assert truncated == 1
 
@@ -95,24 +95,24 @@ def test_tokenizer_tiktoken_bpe_file():
         torch.save({"tokenizer": tok.state()}, buf)
         buf.seek(0)
         state = torch.load(buf, weights_only=True)["tokenizer"]
-        again = tokenizer.from_state(state)
+        again = tokenization.from_state(state)
         assert again.encode(text) == tok.encode(text) and (again.bos, again.eos) == (260, 261)
-        assert tokenizer.from_state({"kind": "bytes"}).encode("é") == [0xC3, 0xA9]
+        assert tokenization.from_state({"kind": "bytes"}).encode("é") == [0xC3, 0xA9]
 
-        tokenizer.check_same(state, path)  # the same file: accepted
-        tokenizer.check_same(state, "")  # no --tokenizer: nothing to check
+        tokenization.check_same(state, path)  # the same file: accepted
+        tokenization.check_same(state, "")  # no --tokenizer: nothing to check
         other = os.path.join(d, "other.model")
         _write_bpe(other, MERGES + [b"bc"])
         for st, p in ((state, other), ({"kind": "bytes"}, path)):
             try:
-                tokenizer.check_same(st, p)
+                tokenization.check_same(st, p)
             except ValueError as e:
                 assert p in str(e) and ("byte tokenizer" in str(e) or tok.sha256 in str(e)), str(e)
             else:
                 raise AssertionError(f"{p} was accepted for a checkpoint trained with {st['kind']}")
         state["file"] = torch.frombuffer(bytearray(open(other, "rb").read()), dtype=torch.uint8)  # a valid file,
         try:                                                                                      # not its sha256
-            tokenizer.from_state(state)
+            tokenization.from_state(state)
         except ValueError as e:
             assert "sha256" in str(e), str(e)
         else:
@@ -123,7 +123,7 @@ def test_tokenizer_learned_bpe():
     # a byte-level BPE learned from captions: each frequent word one token, any text round-trips, deterministic,
     # through a checkpoint with weights_only=True, and told apart from another one learned elsewhere
     captions = [f"a {s} {c} shape" for s in ("small", "large") for c in ("red", "yellow", "green")] * 20
-    tok = tokenizer.learn_bpe(captions, 400)
+    tok = tokenization.learn_bpe(captions, 400)
     assert tok.kind == "bpe" and (tok.bos, tok.eos) == (0, 1) and 258 < tok.vocab_size <= 400
     pieces = [tok.tok.id_to_token(i) for i in tok.encode("a large yellow shape")]
     assert pieces == ["a", "\u0120large", "\u0120yellow", "\u0120shape"], pieces  # \u0120: GPT-2's byte of a space
@@ -131,24 +131,24 @@ def test_tokenizer_learned_bpe():
         ids = tok.encode(text)
         assert tok.decode(ids) == text and all(2 <= i < tok.vocab_size for i in ids), (text, ids)
     assert len(tok.encode("a purple shape")) > 4  # an unseen word: several byte tokens, not an unknown token
-    again = tokenizer.learn_bpe(captions, 400)
+    again = tokenization.learn_bpe(captions, 400)
     assert again.json == tok.json and again.sha256 == tok.sha256
-    ids, lengths, truncated = tokenizer.tokenize(tok, ["a small red shape", "a large yellow"], 6)
+    ids, lengths, truncated = tokenization.tokenize(tok, ["a small red shape", "a large yellow"], 6)
     assert ids[:, 0].eq(0).all() and lengths.tolist() == [6, 5] and truncated == 0 and ids[1, 4:].eq(1).all()
     buf = io.BytesIO()
     torch.save({"tokenizer": tok.state()}, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)["tokenizer"]
-    assert tokenizer.from_state(state).encode("a small green shape") == tok.encode("a small green shape")
-    assert tokenizer.learn_bpe(captions[:7], 400).sha256 != tok.sha256
+    assert tokenization.from_state(state).encode("a small green shape") == tok.encode("a small green shape")
+    assert tokenization.learn_bpe(captions[:7], 400).sha256 != tok.sha256
     try:
-        tokenizer.check_same(state, __file__)  # a file given at sampling time is not a learned BPE
+        tokenization.check_same(state, __file__)  # a file given at sampling time is not a learned BPE
     except ValueError as e:
         assert "learned from its captions" in str(e), str(e)
     else:
         raise AssertionError("a --tokenizer file was accepted for a learned BPE")
     try:
-        tokenizer.learn_bpe(captions, 257)
+        tokenization.learn_bpe(captions, 257)
     except ValueError as e:
         assert "--learn-tokenizer 257" in str(e) and "258" in str(e), str(e)
     else:
@@ -163,21 +163,21 @@ def test_tokenizer_bad_files():
         for bad in (b"YWI=", b"YWI= x", b"***= 7", b"YWI= 7 8"):  # no rank, bad rank, bad base64, extra field
             open(path, "wb").write(b"\n".join(lines[:4] + [bad] + lines[5:]))
             try:
-                tokenizer.build_tokenizer(path)
+                tokenization.build_tokenizer(path)
             except ValueError as e:
                 assert f"{path}: line 5:" in str(e), str(e)
             else:
                 raise AssertionError(f"malformed line {bad!r} was accepted")
         open(path, "wb").write(b"\n".join(lines[:4] + [lines[3]] + lines[5:]))  # a duplicate token
         try:
-            tokenizer.build_tokenizer(path)
+            tokenization.build_tokenizer(path)
         except ValueError as e:
             assert "line 5" in str(e), str(e)
         else:
             raise AssertionError("a duplicate token was accepted")
         missing = os.path.join(d, "nope.model")
-        for call in (lambda: tokenizer.build_tokenizer(missing),
-                     lambda: tokenizer.check_same({"kind": "bytes"}, missing)):
+        for call in (lambda: tokenization.build_tokenizer(missing),
+                     lambda: tokenization.check_same({"kind": "bytes"}, missing)):
             try:
                 call()
             except FileNotFoundError as e:
@@ -300,16 +300,16 @@ def test_cider_command_line():
         assert [x["source"] for x in lines] == ["imgs/a.png", "b.png", 2]
         assert [x["file_name"] for x in lines] == [os.path.normpath(p) for p in ("imgs/a.png", "b.png", "sub/c.png")]
         assert all(abs(x["cider_d"] - s) < 1e-12 for x, s in zip(lines, want_scores))
-        run = subprocess.run([sys.executable, os.path.join(HERE, "cider.py"), caps, meta],
-                             capture_output=True, text=True, cwd=d)
+        run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
+                             capture_output=True, text=True, cwd=d, env=dict(os.environ, PYTHONPATH=ROOT))
         assert run.returncode == 0 and f"CIDEr-D: {want:.6f}" in run.stdout, run.stdout + run.stderr
 
         with open(meta, "a") as f:
             f.write('{"file_name": "d.png"}\n{oops\n')  # lines 5 (no text) and 6 (bad JSON)
-        run = subprocess.run([sys.executable, os.path.join(HERE, "cider.py"), caps, meta],
-                             capture_output=True, text=True, cwd=d)
+        run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
+                             capture_output=True, text=True, cwd=d, env=dict(os.environ, PYTHONPATH=ROOT))
         assert run.returncode != 0 and f"{meta}: line 5: missing 'text'" in run.stderr, run.stderr
-        assert run.stderr.startswith("cider.py: error:"), run.stderr
+        assert run.stderr.startswith("coco.cider: error:"), run.stderr
         with open(meta, "w") as f:
             f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n")
         assert f"{meta}: line 3: invalid JSON" in _main_error([caps, meta])

@@ -1,9 +1,9 @@
 """MS-COCO's zero-shot protocols of the paper's Table 6a, from the files COCO and Karpathy publish (nothing is
 downloaded): MS-COCO-30K FID for text-to-image and CIDEr on Karpathy's test split for captioning.
 
-    python coco.py --make prompts --annotations annotations/captions_val2014.json --out prompts.txt
-    python coco.py --make images --images-dir val2014 --image-list prompts.images.txt --out coco_ref.npz
-    python coco.py --make karpathy --karpathy dataset_coco.json --coco-root . --out coco_karpathy_test
+    python -m coco.prepare --make prompts --annotations annotations/captions_val2014.json --out prompts.txt
+    python -m coco.prepare --make images --images-dir val2014 --image-list prompts.images.txt --out coco_ref.npz
+    python -m coco.prepare --make karpathy --karpathy dataset_coco.json --coco-root . --out coco_karpathy_test
 
 prompts   the T2I prompts: --num-prompts distinct images of the annotation file (val2014: 40,504 images, about 5
           captions each) drawn without replacement with Python's random.Random(--seed) from the file names in sorted
@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from config import ConfigError, parse_config
+from runtime import ConfigError, parse_config
 from images import IMAGE_EXTENSIONS, center_crop
 
 config = dict(
@@ -318,7 +318,7 @@ MAKERS = dict(prompts=make_prompts, images=make_images, karpathy=make_karpathy)
 
 def main(argv=None):
     cfg = dict(config)
-    extra = parse_config(cfg, argv, prog="coco.py")
+    extra = parse_config(cfg, argv, prog="coco.prepare")
     if cfg["make"] not in MAKERS:
         raise InputError(f"--make: expected one of {', '.join(MAKERS)}, got {cfg['make']!r}")
     if extra:
@@ -331,4 +331,4 @@ if __name__ == "__main__":
     try:
         main()
     except (InputError, ConfigError) as e:
-        sys.exit(f"coco.py: error: {e}")
+        sys.exit(f"coco.prepare: error: {e}")

@@ -1,7 +1,7 @@
 """CIDEr-D as the MS-COCO caption evaluation computes it (pycocoevalcap cider/cider_scorer.py; Vedantam et al. 2015).
 
-    python cider.py captions.jsonl DIR/metadata.jsonl                       # corpus CIDEr-D of sample.py's captions
-    python cider.py captions.jsonl DIR/metadata.jsonl --per-image scores.jsonl
+    python -m coco.cider captions.jsonl DIR/metadata.jsonl                       # corpus CIDEr-D of sample.py's captions
+    python -m coco.cider captions.jsonl DIR/metadata.jsonl --per-image scores.jsonl
 
 captions.jsonl: one {"source": <file name, or integer index>, "text": <caption>} a line (sample.py --caption writes
 it). metadata.jsonl: one {"file_name": "<path under DIR>", "text": "<caption>" or ["<caption>", ...]} a line. A
@@ -29,7 +29,7 @@ import re
 import sys
 from collections import Counter
 
-from config import ConfigError, parse_config
+from runtime import ConfigError, parse_config
 
 config = dict(
     per_image="",  # also write one {"source", "file_name", "cider_d"} JSON line per image to this file
@@ -184,9 +184,9 @@ def match_captions(captions_path, metadata_path):
 
 def main(argv=None):
     c = dict(config)
-    paths = parse_config(c, argv, prog="cider.py")
+    paths = parse_config(c, argv, prog="coco.cider")
     if len(paths) != 2:
-        raise InputError("usage: python cider.py captions.jsonl DIR/metadata.jsonl [--per-image scores.jsonl]")
+        raise InputError("usage: python -m coco.cider captions.jsonl DIR/metadata.jsonl [--per-image scores.jsonl]")
     candidates, references, sources = match_captions(*paths)
     score, scores = cider_d(candidates, references)
     print(f"CIDEr-D: {score:.6f} ({len(scores)} images)")
@@ -201,4 +201,4 @@ if __name__ == "__main__":
     try:
         main()
     except (InputError, ConfigError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"cider.py: error: {e}")
+        sys.exit(f"coco.cider: error: {e}")

@@ -37,12 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import shapes
-import tokenizer as text_lib
-from caption_head import CaptionHead
+import demos
+import tokenization
+from finetune.caption_head import CaptionHead
 from checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from cider import cider_d
-from config import parse_config
+from coco.cider import cider_d
+from runtime import parse_config
 from latents import LatentData
 from model import CausalFusion, patchify
 from runtime import autocast, autocast_dtype, launch, seeded, step_indices
@@ -52,9 +52,9 @@ config = dict(
     ckpt="",  # the pretrained train.py checkpoint (required)
     weights="ema",  # ema or model: which of its weights; random: its architecture freshly initialized (a baseline)
     data="",  # training latents (extract_latents.py; captioned for --task caption); "" = the demo's shapes at the
-    # checkpoint's image size (--task caption: the captioned demo's)
+      # checkpoint's image size (--task caption: the captioned demo's)
     val_data="",  # held-out latents for top-1 accuracy (ImageNet val) or CIDEr-D (Karpathy test); the demo draws new
-    # shapes
+      # shapes
     out="out/finetune",  # run dir: ckpt.pt, finetune.log
     resume=False,  # continue OUT/ckpt.pt exactly
     seed=0,  # seeds the head and every random draw
@@ -82,7 +82,7 @@ config = dict(
     probe_epochs=90,  # training epochs
     probe_warmup_epochs=10,  # linear lr warmup, then cosine decay to 0
     probe_optimizer="lars",  # lars (MAE's) or sgd (momentum 0.9): LARS moves the head by ~1e-3 x lr of its norm
-    # per step, far too little for the few hundred steps of a small data set
+      # per step, far too little for the few hundred steps of a small data set
     # captioning (--task caption): FLIP's COCO caption fine-tuning (paper App. C Table 13, its names and values)
     caption_lr=1e-4,  # caption head lr
     caption_body_lr=1e-5,  # other parameters lr: the body's
@@ -95,15 +95,15 @@ config = dict(
     caption_freeze_body=False,  # the body frozen (no gradient, features without a graph); else at --caption-body-lr
     caption_flip=False,  # random horizontal flips (off: captions that name left and right would lie)
     feature_layer=0,  # the block (1..depth) whose output tokens feed the head; 0 = the last. The paper tries the
-    # 14th, 21st and 24th of L's 24 and keeps the best (App. C); later blocks are dropped
+      # 14th, 21st and 24th of L's 24 and keeps the best (App. C); later blocks are dropped
     head_width=384,  # the caption head's width (Table 13's caption head: 384)
     head_heads=6,  # its attention heads (6)
     head_encoder_layers=3,  # its transformer encoder layers (3)
     head_decoder_layers=3,  # its transformer decoder layers (3)
     tokenizer="",  # "" = a text checkpoint's own tokenizer, else the byte one (tokenizer.py); a LLaMA-3
-    # tokenizer.model file (paper Sec. 6)
+      # tokenizer.model file (paper Sec. 6)
     text_len=0,  # caption tokens, BOS and EOS included (longer captions are cut, counted); 0 = the checkpoint's
-    # text length for a text model, else 35 (paper Table 11)
+      # text length for a text model, else 35 (paper Table 11)
     # the demo (--data "")
     demo_per_class=100,  # training images per class (train.py's demo data: the same images)
     demo_val_per_class=100,  # held-out images per class, drawn with another seed
@@ -315,12 +315,12 @@ def open_data(cfg, meta, rank):
             raise ValueError("--val-data is required with --data: the held-out latents to measure top-1 on")
         train_data, val_data = LatentData(cfg["data"]), LatentData(cfg["val_data"])
     else:  # the demo: train.py's shapes (same seed: the pretraining images) and new ones drawn with another seed
-        if meta["vae"] != "none" or meta["num_classes"] != len(shapes.SHAPES):
+        if meta["vae"] != "none" or meta["num_classes"] != len(demos.SHAPES):
             raise ValueError(f"--ckpt {cfg['ckpt']} was not trained on the class demo; pass --data and --val-data")
         root, size = os.path.join(cfg["out"], "data"), meta["image_size"]
-        train_data = LatentData(shapes.build_demo_data(os.path.join(root, "train"), size, cfg["demo_per_class"],
+        train_data = LatentData(demos.build_demo_data(os.path.join(root, "train"), size, cfg["demo_per_class"],
                                                        cfg["seed"], rank))
-        val_data = LatentData(shapes.build_demo_data(os.path.join(root, "val"), size, cfg["demo_val_per_class"],
+        val_data = LatentData(demos.build_demo_data(os.path.join(root, "val"), size, cfg["demo_val_per_class"],
                                                      cfg["seed"] + 1000, rank))
     for name, d in (("--data", train_data), ("--val-data", val_data)):
         if list(d.latent_shape) != list(meta["latent_shape"]) or d.num_classes != meta["num_classes"]:
@@ -344,9 +344,9 @@ def open_caption_data(cfg, meta, rank):
             raise ValueError(f"--ckpt {cfg['ckpt']} was trained on {meta['vae']} latents, not the captioned demo's "
                              f"pixels; pass --data and --val-data")
         root, size = os.path.join(cfg["out"], "data"), meta["image_size"]
-        train_data = LatentData(shapes.build_caption_demo_data(os.path.join(root, "train"), size, cfg["demo_images"],
+        train_data = LatentData(demos.build_caption_demo_data(os.path.join(root, "train"), size, cfg["demo_images"],
                                                                cfg["seed"], rank))
-        val_data = LatentData(shapes.build_caption_demo_data(os.path.join(root, "val"), size,
+        val_data = LatentData(demos.build_caption_demo_data(os.path.join(root, "val"), size,
                                                              cfg["demo_val_images"], cfg["seed"] + 1000, rank))
     for name, d in (("--data", train_data), ("--val-data", val_data)):
         where = cfg[name[2:].replace("-", "_")] or "the captioned demo"
@@ -388,7 +388,7 @@ def evaluate_captions(model, data, tok, batch_size, device, amp, rank, world):
         stop = min(start + batch_size, len(data))
         with amp:
             ids = model.caption(mean_latents(data, start, stop).to(device), tok.bos, tok.eos)  # (B, T)
-        mine.update(zip(range(start, stop), text_lib.detokenize(tok, ids[:, 1:].tolist())))
+        mine.update(zip(range(start, stop), tokenization.detokenize(tok, ids[:, 1:].tolist())))
     if world > 1:
         parts = [None] * world
         dist.all_gather_object(parts, mine)
@@ -449,7 +449,7 @@ def build_captioner(cfg, device):
     pretrained, meta = load_body(cfg, text_ok=True)
     # a text checkpoint's own tokenizer (and text length) unless --tokenizer names one: its captions fit them
     own = meta.get("tokenizer") if not cfg["tokenizer"] else None
-    tok = text_lib.from_state(own) if own else text_lib.build_tokenizer(cfg["tokenizer"])
+    tok = tokenization.from_state(own) if own else tokenization.build_tokenizer(cfg["tokenizer"])
     text_len = cfg["text_len"] or pretrained.config.get("text_len") or 35
     if text_len < 3:
         raise ValueError(f"--text-len must hold BOS, a token and EOS (3), got {text_len}")
@@ -527,7 +527,7 @@ class CaptionTask:
         x, _ = self.train_data.batch(idx, g, flip=self.cfg["caption_flip"])  # posterior sample (+ flip)
         captions = [c[int(torch.randint(len(c), (), generator=g))] for c in map(self.train_data.captions.__getitem__,
                                                                                    idx.tolist())]  # one per image
-        ids, lengths, cut = text_lib.tokenize(self.tok, captions, self.text_len)  # (B, text_len), (B,)
+        ids, lengths, cut = tokenization.tokenize(self.tok, captions, self.text_len)  # (B, text_len), (B,)
         self.cut[0] += cut
         self.cut[1] += len(captions)
         ids = ids[:, :int(lengths.max())].to(device)  # (B, T): the causal mask makes the EOS padding after it inert

@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-import coco
+from coco import prepare as coco
 
 torch.set_num_threads(1)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
 # COCO image ids -> (size, mode, format): landscape, portrait, odd sizes, grayscale, PNG data, one under the crop
 IMAGES = {391895: ((640, 480), "RGB", "JPEG"), 522418: ((480, 640), "RGB", "JPEG"), 184613: ((500, 333), "L", "JPEG"),
           318219: ((1200, 300), "RGB", "PNG"), 554625: ((90, 100), "RGB", "JPEG"), 397133: ((427, 640), "RGB", "JPEG")}
@@ -160,7 +160,7 @@ def test_coco_images_adm_crop_npz_read_by_fid():
 
 # ------------------------------------------------------------------------------------------ karpathy
 def test_coco_karpathy_folder_sample_walk_and_cider():
-    import cider
+    from coco import cider
     from sample import caption_sources
     with tempfile.TemporaryDirectory() as tmp:
         write_coco(tmp)
@@ -280,9 +280,10 @@ def test_coco_bad_inputs_name_the_file_and_entry():
                       ".npz")
         _expect_error(["--make", "caption"], "--make", "prompts, images, karpathy", "'caption'")
         _expect_error(["--make", "prompts", "--num-promts", "5"], "--num-promts")
-        # the command line: one line `coco.py: error: ...`, exit status 1
-        proc = subprocess.run([sys.executable, os.path.join(HERE, "coco.py"), "--make", "karpathy", "--karpathy",
-                               no_sent, "--out", os.path.join(tmp, "k6")], capture_output=True, text=True, cwd=tmp)
+        # the command line: one line `coco.prepare: error: ...`, exit status 1
+        proc = subprocess.run([sys.executable, "-m", "coco.prepare", "--make", "karpathy", "--karpathy",
+                               no_sent, "--out", os.path.join(tmp, "k6")], capture_output=True, text=True, cwd=tmp,
+                              env=dict(os.environ, PYTHONPATH=ROOT))
         assert proc.returncode == 1 and proc.stdout == ""
-        assert proc.stderr.startswith(f"coco.py: error: {no_sent}: images[1]") and proc.stderr.count("\n") == 1, \
+        assert proc.stderr.startswith(f"coco.prepare: error: {no_sent}: images[1]") and proc.stderr.count("\n") == 1, \
             proc.stderr

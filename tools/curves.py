@@ -1,15 +1,15 @@
 """Training curves of one or more runs as one PNG (plots.py draws them; train.py writes OUT/curves.png itself).
 
-    python curves.py runs/L2_sd                                  # one run (its metrics.jsonl) -> curves.png
-    python curves.py runs/a runs/b runs/c --out compare.png      # two or more runs on the same axes
+    python -m tools.curves runs/L2_sd                                  # one run (its metrics.jsonl) -> curves.png
+    python -m tools.curves runs/a runs/b runs/c --out compare.png      # two or more runs on the same axes
 
 A RUN is a train.py --out folder or its metrics.jsonl.
 """
 import os
 import sys
 
-from config import parse_config
-from plots import draw_curves, read_metrics
+from runtime import parse_config
+from train_monitor import draw_curves, read_metrics
 
 config = dict(
     out="curves.png",  # the PNG to write
@@ -25,9 +25,9 @@ def run_names(paths):
 
 def main(argv=None):
     c = dict(config)
-    paths = parse_config(c, argv, prog="curves.py")
+    paths = parse_config(c, argv, prog="tools.curves")
     if not paths:
-        raise ValueError("usage: python curves.py RUN [RUN ...] [--out curves.png]; a RUN is a train.py --out "
+        raise ValueError("usage: python -m tools.curves RUN [RUN ...] [--out curves.png]; a RUN is a train.py --out "
                          "folder or its metrics.jsonl")
     runs = {name: read_metrics(p) for name, p in zip(run_names(paths), paths)}
     draw_curves(runs, c["out"])
@@ -38,4 +38,4 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, OSError) as e:
-        sys.exit(f"curves.py: error: {e}")
+        sys.exit(f"tools.curves: error: {e}")

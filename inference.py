@@ -18,15 +18,16 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import mask
-import tokenizer as text_lib
+import tokenization
 from diffusion import Diffusion
 from model import patchify, unpatchify
 
 # steps per AR step when --steps is 0: the paper's DDPM protocol, and the fast samplers' recommended counts
+ORDERS = ("random", "raster", "block_raster")  # as train.py --order (mask.token_order)
 DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
 
 
-def make_sampler(steps=0, sampler="ddpm", eta=0.0, spacing=""):
+def make_diffusion(steps=0, sampler="ddpm", eta=0.0, spacing=""):
     """The Diffusion sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
     --sample-steps with the same others): steps 0 = the sampler's default (DEFAULT_STEPS), eta only for ddim
     (0: deterministic), spacing "" = the sampler's default timesteps."""
@@ -76,16 +77,21 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
     return out
 
 
-def ar_plan(n, free, ar_steps, split, order, generator):
-    """AR order (N, M) over the M positions `free` to generate, and the S step sizes (one split per batch)."""
+def ar_plan(n, free, ar_steps, split, order, generator, grid=None, order_block=2):
+    """AR order (N, M) over the M positions `free` to generate, and the S step sizes (one split per batch).
+    random: a permutation per sample; raster and block_raster: mask.token_order's over the grid x grid image,
+    with the positions that are not free left out."""
     m = len(free)
     sizes = mask.equal_split(ar_steps, m) if split == "equal" else mask.random_split(ar_steps, m, generator)
-    perm = torch.rand(n, m, generator=generator).argsort(1) if order == "random" else torch.arange(m).expand(n, m)
-    return free[perm], sizes
+    if order == "random":
+        return free[torch.rand(n, m, generator=generator).argsort(1)], sizes
+    full = mask.token_order(1, grid, grid, order, generator, order_block)[0]  # (L,) draws nothing
+    return full[torch.isin(full, free)].expand(n, m), sizes
 
 
-def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal", order="random", cfg_scale=1.0,
-                 cfg_interval=(0, 1000), dtype="fp32", context=None, context_pos=None, text=None, text_lengths=None):
+def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal", order="random", order_block=2,
+                 cfg_scale=1.0, cfg_interval=(0, 1000), dtype="fp32", context=None, context_pos=None, text=None,
+                 text_lengths=None):
     """Tokens (N, L, P) in image order for labels (N,), or for texts (N, Lt) of text_lengths (N,) tokens (labels
     None); all randomness comes from batch_seed. context (N, K, P) at positions context_pos (N, K): clean tokens
     to keep (editing); the others are generated."""
@@ -95,15 +101,16 @@ def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal"
     free = torch.arange(model.num_tokens)
     if context_pos is not None:  # the same kept positions for the whole batch
         free = free[~torch.isin(free, context_pos[0].cpu())]
-    order_pos, sizes = ar_plan(len(labels if text is None else text), free, ar_steps, split, order, g)
+    order_pos, sizes = ar_plan(len(labels if text is None else text), free, ar_steps, split, order, g,
+                               grid=model.grid_size, order_block=order_block)
     noise = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # a fresh stream
     with torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext():
         return generate(model, diffusion, labels, sizes, order_pos.to(device), noise, cfg_scale, cfg_interval, context,
                         context_pos, text=text, text_lengths=None if text is None else text_lengths.to(device))
 
 
-def check_options(model, ar_steps=1, split="equal", order="random", cfg_scale=1.0, cfg_interval=(0, 1000),
-                  classes=None, num_tokens=None):
+def check_sampling_options(model, ar_steps=1, split="equal", order="random", order_block=2, cfg_scale=1.0,
+                           cfg_interval=(0, 1000), classes=None, num_tokens=None):
     """Raise a ValueError naming the option for a value sampling cannot use."""
     num_tokens = num_tokens or model.num_tokens
     if cfg_scale < 1:
@@ -112,8 +119,12 @@ def check_options(model, ar_steps=1, split="equal", order="random", cfg_scale=1.
         raise ValueError(f"--cfg-interval must be LO HI with 0 <= LO <= HI <= 1000, got {tuple(cfg_interval)}")
     if not 1 <= ar_steps <= num_tokens:
         raise ValueError(f"--ar-steps must be in 1..{num_tokens} (the tokens to generate), got {ar_steps}")
-    if split not in ("equal", "random") or order not in ("random", "raster"):
-        raise ValueError(f"--split must be equal or random, --order random or raster; got {split!r}, {order!r}")
+    if split not in ("equal", "random") or order not in ORDERS:
+        raise ValueError(f"--split must be equal or random, --order one of {', '.join(ORDERS)}; got {split!r}, "
+                         f"{order!r}")
+    if order == "block_raster" and (order_block < 1 or model.grid_size % order_block):
+        raise ValueError(f"--order-block must divide the {model.grid_size}x{model.grid_size} token grid, got "
+                         f"{order_block}")
     bad = [c for c in classes or [] if not 0 <= c < model.num_classes]
     if bad:
         raise ValueError(f"--classes {bad}: out of range for a model of {model.num_classes} classes")
@@ -128,15 +139,15 @@ def class_labels(num_samples, classes, num_classes, seed):
 
 
 def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=1, split="equal", order="random",
-                  diffusion=None, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16, dtype="fp32", rank=0,
+                  order_block=2, diffusion=None, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16, dtype="fp32", rank=0,
                   world_size=1, prompts=None, tokenizer=None):
     """This rank's share of the num_samples images: (uint8 (n, H, W, 3), labels (n,) or for a text model their
     prompts (n,) (--prompts cycled), sample indices (n,)). Rank r takes global batches r, r + world_size, ...;
     batch b holds samples b*batch_size... and is seeded by (seed, b) alone."""
-    check_options(model, ar_steps, split, order, cfg_scale, cfg_interval, classes)
+    check_sampling_options(model, ar_steps, split, order, order_block, cfg_scale, cfg_interval, classes)
     if prompts is not None:
         labels = np.array([prompts[i % len(prompts)] for i in range(num_samples)])
-        text, lengths, cut = text_lib.tokenize(tokenizer, list(labels), model.num_prefix_tokens)
+        text, lengths, cut = tokenization.tokenize(tokenizer, list(labels), model.num_prefix_tokens)
         if cut and rank == 0:
             print(f"{cut} of {num_samples} prompts were longer than the model's {model.num_prefix_tokens} text tokens "
                   f"and were cut")
@@ -150,6 +161,7 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
             labels=None, text=text[idx], text_lengths=lengths[idx])
         batch_seed = seed * 1_000_003 + b
         tokens = sample_batch(model, diffusion, batch_seed=batch_seed, ar_steps=ar_steps, split=split, order=order,
+                              order_block=order_block,
                               cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
         if not torch.isfinite(tokens).all():  # a NaN would decode to a plausible-looking image and skew the FID
             raise FloatingPointError(f"batch {b} (samples {idx[0]}..{idx[-1]}, batch seed {batch_seed} of --seed {seed}):"
@@ -173,7 +185,7 @@ def sample_latents(model, diffusion, seed, labels=None, texts=None, tokenizer=No
     order = torch.arange(model.num_tokens, device=device).expand(n, -1)  # (N, L)
     text = lengths = None
     if texts is not None:
-        text, lengths, _ = text_lib.tokenize(tokenizer, texts, model.num_prefix_tokens)
+        text, lengths, _ = tokenization.tokenize(tokenizer, texts, model.num_prefix_tokens)
         text, lengths, labels = text.to(device), lengths.to(device), None
     return generate(model, diffusion, None if labels is None else labels.to(device), [model.num_tokens], order, g,
                     cfg_scale=cfg_scale, text=text, text_lengths=lengths)
@@ -227,7 +239,7 @@ def caption_images(model, tokens, tokenizer, temperature=0.0, top_k=0, generator
         if done.all():
             break
     rows = torch.cat(out, 1).tolist()
-    return text_lib.detokenize(tokenizer, rows)
+    return tokenization.detokenize(tokenizer, rows)
 
 
 # ------------------------------------------------------------------------------------------ images <-> tokens

@@ -95,7 +95,7 @@ def reference_tokens(model, labels, batch_seed, diffusion, ar_steps=1, split="eq
     A text model's CFG branch is the image-first layout (the image sees no text)."""
     n, L, P = len(labels if text is None else text), model.num_tokens, model.token_dim
     g = torch.Generator().manual_seed(batch_seed)
-    pos, sizes = inference.ar_plan(n, torch.arange(L), ar_steps, split, order, g)
+    pos, sizes = inference.ar_plan(n, torch.arange(L), ar_steps, split, order, g, grid=model.grid_size)
     noise = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))
     ids = mask.step_ids_from_sizes(sizes).expand(n, L)
     y = torch.cat([labels, torch.full_like(labels, model.null_class)]) if cfg_scale > 1 and text is None else labels

@@ -414,7 +414,7 @@ def test_noisy_copies_and_per_batch_split():
             assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5), (loss, parts)
         # the authors' split: one S and one split per micro-batch (the default draws one per sample)
         per_batch = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
-                                           dict(train.config, split="batch"), 1000)["steps"]
+                                           dict(train.config, split_per="batch"), 1000)["steps"]
         per_sample = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), train.config,
                                             1000)["steps"]
         assert (per_batch == per_batch[:1]).all() and per_batch.max() > 0

@@ -95,12 +95,12 @@ def build_demo_data(root, size, per_class, seed, rank):
 # model drew the star as a disc; the bar, a dash, keeps its outline.
 SHAPE_NAMES = ("circle", "square", "triangle", "plus", "bar")
 COLOURS = {"red": 0, "yellow": 55, "green": 125, "blue": 225}  # hue in degrees: >= 55 apart, jitter is +-8
-SIZES = {"small": (0.22, 0.26), "large": (0.40, 0.44)}  # half the bounding-box side, in quadrant sides
+SHAPE_SIZES = {"small": (0.22, 0.26), "large": (0.40, 0.44)}  # half the bounding-box side, in quadrant sides
 SIZE_THRESHOLD = 0.66  # measured bounding-box side (in quadrant sides) above which a shape is large
 POSITIONS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}  # quadrant
 JITTER = 0.04  # centre offset from the quadrant's centre, in quadrant sides: large shapes keep >= 0.02 margin
 HALF_EXTENT = {"square": 0.8, "triangle": 0.95}  # half bounding box of SHAPES' drawing (else 1)
-VALUES = {"shape": SHAPE_NAMES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS)}
+VALUES = {"shape": SHAPE_NAMES, "colour": tuple(COLOURS), "size": tuple(SHAPE_SIZES), "position": tuple(POSITIONS)}
 CHANCE = {k: 1 / len(VALUES[k]) for k in ("colour", "position", "size", "shape")}
 # (shape i, colour i mod 4) never appears in training, in any size or position: 5 of the 20 pairs, and every
 # shape and every colour is still seen with 3 or 4 partners
@@ -137,7 +137,7 @@ def draw_captioned(attrs, size, seed):
     q, images = big / 2, []
     for a in attrs:
         img = Image.new("RGB", (big, big), tuple(int(v) for v in rng.integers(0, 50, 3)))
-        r = rng.uniform(*SIZES[a["size"]]) * q / HALF_EXTENT.get(a["shape"], 1)
+        r = rng.uniform(*SHAPE_SIZES[a["size"]]) * q / HALF_EXTENT.get(a["shape"], 1)
         cx, cy = (np.array(POSITIONS[a["position"]]) + 0.5 + rng.uniform(-JITTER, JITTER, 2)) * q
         hsv = ((COLOURS[a["colour"]] + rng.uniform(-8, 8)) % 360, rng.uniform(70, 100), rng.uniform(80, 100))
         colour = "hsv({:.0f},{:.0f}%,{:.0f}%)".format(*hsv)

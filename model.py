@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-SIZES = {  # name: (hidden size, depth, heads)
+MODEL_SIZES = {  # name: (hidden size, depth, heads)
     "T": (128, 4, 4),  # tiny: CPU tests and the demo
     "S": (384, 12, 6),  # DiT-S
     "B": (768, 12, 12),  # DiT-B
@@ -185,9 +185,9 @@ class CausalFusion(nn.Module):
                  text_vocab=0, text_len=0, text_sees_noisy=False, qk_norm=True, time_token=False):
         super().__init__()
         if size is not None:
-            if size not in SIZES:
-                raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
-            hidden_size, depth, num_heads = SIZES[size]
+            if size not in MODEL_SIZES:
+                raise ValueError(f"size must be one of {', '.join(MODEL_SIZES)}, got {size!r}")
+            hidden_size, depth, num_heads = MODEL_SIZES[size]
         if input_size % patch_size or num_cond_tokens % cond_repeat or hidden_size % num_heads:
             raise ValueError(f"need input_size % patch_size == 0 ({input_size}, {patch_size}), num_cond_tokens % "
                              f"cond_repeat == 0 ({num_cond_tokens}, {cond_repeat}), hidden_size % num_heads == 0")

@@ -47,7 +47,7 @@ from vae import build_vae
 config = dict(
     what="train,sample",  # train, sample, text (a training step with a text against one without), quality
     device="cpu",  # cpu or cuda
-    size="T",  # model size (model.py SIZES)
+    size="T",  # model size (model.py MODEL_SIZES)
     input_size=16,  # latent side (16 = the demo's 16x16 pixels; 32 = SD latents of 256x256 images)
     in_channels=3,  # latent channels (3 pixels, 4 SD, 16 MAR)
     patch_size=2,  # latent pixels per token side

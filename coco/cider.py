@@ -1,6 +1,6 @@
 """CIDEr-D as the MS-COCO caption evaluation computes it (pycocoevalcap cider/cider_scorer.py; Vedantam et al. 2015).
 
-    python -m coco.cider captions.jsonl DIR/metadata.jsonl                       # corpus CIDEr-D of sample.py's captions
+    python -m coco.cider captions.jsonl DIR/metadata.jsonl        # corpus CIDEr-D of sample.py's captions
     python -m coco.cider captions.jsonl DIR/metadata.jsonl --per-image scores.jsonl
 
 captions.jsonl: one {"source": <file name, or integer index>, "text": <caption>} a line (sample.py --caption writes

@@ -285,7 +285,7 @@ class CausalFusion(nn.Module):
         eps = self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
         return eps if text is None else (eps, self.text_head(h[:, :text.shape[1]]))
 
-    # ---- inference through a KV cache (engine.py) ----
+    # ---- inference through a KV cache (inference.py) ----
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
         param = self.x_proj.weight  # (a time token passes through the cache while it denoises: one more slot)
         max_len = max_len or self.num_prefix_tokens + self.num_tokens + self.time_token

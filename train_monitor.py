@@ -135,7 +135,7 @@ class Metrics:
             self.wandb.log(self.scalars(record), step=record["step"])
 
     def draw(self, path):
-        """The run's curves (plots.py) into path."""
+        """The run's curves (draw_curves) into path."""
         if self.rank == 0:
             draw_curves({self.name: self.records}, path)
 

@@ -1,4 +1,4 @@
-"""Training curves of one or more runs as one PNG (plots.py draws them; train.py writes OUT/curves.png itself).
+"""Training curves of one or more runs as one PNG (train_monitor.draw_curves draws them; train.py writes OUT/curves.png itself).
 
     python -m tools.curves runs/L2_sd                                  # one run (its metrics.jsonl) -> curves.png
     python -m tools.curves runs/a runs/b runs/c --out compare.png      # two or more runs on the same axes

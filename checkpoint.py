@@ -1,9 +1,9 @@
 """Checkpoints: atomic writes, and one reader for train.py's files and the authors' released ones.
 
 train.py's ckpt.pt holds model, ema, optimizer, step, config, model_config, data (the latent format) and rng
-(and a text model's tokenizer); finetune.py's holds its classifier. The authors' files hold model, ema and their
-pickled argparse args; their model config is read off the tensor demos. Everything is plain tensors and values,
-read with torch.load(weights_only=True).
+(and a text model's tokenizer); the fine-tunes' (finetune/classify.py, finetune/caption.py) hold their classifier or
+captioner. The authors' files hold model, ema and their pickled argparse args; their model config is read off the
+tensor demos. Everything is plain tensors and values, read with torch.load(weights_only=True).
 """
 import argparse
 import math
@@ -41,7 +41,7 @@ def read_checkpoint(path):
     except Exception as e:  # torch raises RuntimeError, OSError, pickle and zip errors for a bad file
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {why[:200]}); expected a file of "
-                         f"train.py, finetune.py or the authors' code, written whole") from None
+                         f"train.py, the fine-tunes (finetune/) or the authors' code, written whole") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path}: holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt

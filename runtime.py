@@ -12,9 +12,9 @@ list default takes every following value that is not an option; a None default t
 An unknown key or a value of the wrong type is an error that names the key. Words that are not options
 are returned as positional arguments (for scripts such as fid.py that take file names).
 
-Seeding (train.py, finetune/): micro-batch m of step s draws from seeded(seed, stream, s, m) and epoch e's data
-order from seeded(seed, SEED_DATA_ORDER, e), so resuming needs no generator state and N ranks compute the same
-step as one rank accumulating N micro-batches.
+Seeding (train.py, finetune/): micro-batch m of step s draws from seeded(seed, SEED_TRAIN_STEP, s, m) (finetune/:
+SEED_FINETUNE_STEP) and epoch e's data order from seeded(seed, SEED_DATA_ORDER, e), so resuming needs no generator
+state and N ranks compute the same step as one rank accumulating N micro-batches.
 """
 import contextlib
 import difflib
@@ -68,7 +68,7 @@ def distributed(device=""):
 
 
 def launch(cfg, run):
-    """run(cfg, rank, world, device) on --device, with TF32 matmuls on GPUs (training: train.py, finetune.py)."""
+    """run(cfg, rank, world, device) on --device, with TF32 matmuls on GPUs (training: train.py, finetune/)."""
     with distributed(cfg["device"]) as (rank, world, device):
         if device.type == "cuda":
             torch.set_float32_matmul_precision("high")
@@ -80,6 +80,12 @@ def barrier(world):
         dist.barrier()
 
 
+# the streams of seeded(seed, stream, ...): one per kind of draw, so no two kinds ever share a generator
+SEED_DATA_ORDER = 0  # seeded(seed, SEED_DATA_ORDER, epoch): the epoch's permutation of the training data
+SEED_TRAIN_STEP = 1  # seeded(seed, SEED_TRAIN_STEP, step, micro_batch): train.py's draws of a micro-batch
+SEED_FINETUNE_STEP = 2  # seeded(seed, SEED_FINETUNE_STEP, step, micro_batch): finetune/'s draws of a micro-batch
+
+
 def seeded(*key):
     """A CPU generator whose seed is a hash of the integers in key."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0]))
@@ -87,7 +93,7 @@ def seeded(*key):
 
 @functools.lru_cache(maxsize=1)
 def epoch_permutation(n, seed, epoch):
-    return torch.randperm(n, generator=seeded(seed, 0, epoch))
+    return torch.randperm(n, generator=seeded(seed, SEED_DATA_ORDER, epoch))
 
 
 def step_indices(step, batch, n, seed):

@@ -1,6 +1,8 @@
-"""Tests of finetune.py: the ViT body against the blocks run by hand, the frozen probe, MAE's layer-wise lr decay,
-cutmix's label weights, LARS by hand, and an exactly resumed run; for --task caption (Table 13) the caption head's
-shapes and causal greedy decoding, the frozen body and the two lrs, CIDEr-D of perfect captions, an exact resume."""
+"""Tests of finetune/: for classify.py the ViT body against the blocks run by hand, the frozen probe, MAE's layer-wise
+lr decay, cutmix's label weights, LARS by hand, and an exactly resumed run; for caption.py (Table 13) the caption
+head's shapes and causal greedy decoding, the frozen body and the two lrs, CIDEr-D of perfect captions, an exact
+resume."""
+import contextlib
 import math
 import os
 import subprocess
@@ -10,8 +12,13 @@ import tempfile
 import torch
 
 import checkpoint
-from finetune import finetune
+import demos
+import tokenization
 import train
+from finetune import caption, classify
+from finetune.caption_head import CaptionHead
+from latents import LatentData
+from model import patchify
 from test_train import TINY, _tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
@@ -31,7 +38,7 @@ def pretrained():
 def classifier(probe=False, drop_path=0.0):
     model, meta = checkpoint.load_checkpoint(pretrained()[0])
     torch.manual_seed(0)
-    return finetune.Classifier(model, meta["num_classes"], drop_path, probe), model
+    return classify.Classifier(model, meta["num_classes"], drop_path, probe), model
 
 
 def test_body_is_the_pretrained_blocks_without_cond_or_time():
@@ -39,7 +46,7 @@ def test_body_is_the_pretrained_blocks_without_cond_or_time():
     clf, gen = classifier(drop_path=0.3)
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        h = gen.x_proj(finetune.patchify(x, 2)) + gen.pos_embed  # (N, L, D)
+        h = gen.x_proj(patchify(x, 2)) + gen.pos_embed  # (N, L, D)
         for block in gen.blocks:
             h = block(h)
         ref = torch.nn.functional.layer_norm(h.mean(1), (h.shape[2],))
@@ -55,7 +62,7 @@ def test_body_is_the_pretrained_blocks_without_cond_or_time():
 def test_probe_body_gets_no_gradient():
     clf, gen = classifier(probe=True)
     before = {n: p.clone() for n, p in clf.named_parameters()}
-    opt = finetune.LARS([dict(params=list(clf.head.parameters()))], lr=0.5)
+    opt = classify.LARS([dict(params=list(clf.head.parameters()))], lr=0.5)
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
     for _ in range(2):
         torch.nn.functional.cross_entropy(clf(x), y).backward()
@@ -72,7 +79,7 @@ def test_layer_decay_groups():
     clf, _ = classifier()
     depth = len(clf.blocks)  # 4 for size T
     scale, decay = {}, {}
-    for group in finetune.param_groups(clf, 0.05, 0.75):
+    for group in classify.param_groups(clf, 0.05, 0.75):
         for p in group["params"]:
             scale[id(p)], decay[id(p)] = group["lr_scale"], group["weight_decay"]
     for name, p in clf.named_parameters():
@@ -89,22 +96,22 @@ def test_cutmix_and_mixup_targets():
     g = torch.Generator().manual_seed(0)
     x = torch.arange(6.0)[:, None, None, None].expand(6, 1, 8, 8)
     y = torch.arange(6)
-    cfg = dict(finetune.config, smoothing=0.0, mixup=0.0, cutmix=1.0)
+    cfg = dict(classify.config, smoothing=0.0, mixup=0.0, cutmix=1.0)
     for _ in range(10):
-        mixed, target = finetune.mix(x, y, 6, cfg, g)
+        mixed, target = classify.mix(x, y, 6, cfg, g)
         own = (mixed == x).float().flatten(1).mean(1)
         assert torch.allclose(target[y, y], own) and torch.allclose(target.sum(1), torch.ones(6))
-    mixed, target = finetune.mix(x, y, 6, dict(cfg, mixup=0.8, cutmix=0.0), g)
+    mixed, target = classify.mix(x, y, 6, dict(cfg, mixup=0.8, cutmix=0.0), g)
     lam = target[0, 0]
     assert torch.allclose(mixed, lam * x + (1 - lam) * x.flip(0))
-    _, target = finetune.mix(x, y, 6, dict(cfg, smoothing=0.1, mixup=0.0, cutmix=0.0), g)
+    _, target = classify.mix(x, y, 6, dict(cfg, smoothing=0.1, mixup=0.0, cutmix=0.0), g)
     assert torch.allclose(target[0], torch.tensor([0.9 + 0.1 / 6] + [0.1 / 6] * 5))
 
 
 def test_lars_step_by_hand():
     w = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), requires_grad=True)
     b = torch.randn(3, requires_grad=True)
-    opt = finetune.LARS([dict(params=[w, b])], lr=0.1, weight_decay=0.01, momentum=0.9)
+    opt = classify.LARS([dict(params=[w, b])], lr=0.1, weight_decay=0.01, momentum=0.9)
     w0, b0 = w.detach().clone(), b.detach().clone()
     (w.square().sum() + b.sum()).backward()
     opt.step()
@@ -113,21 +120,21 @@ def test_lars_step_by_hand():
     assert torch.allclose(b, b0 - 0.1 * torch.ones(3))  # biases: plain momentum SGD, no weight decay or trust ratio
 
 
-def _run_until_first_checkpoint(args):
-    """finetune.main(args) in a subprocess, killed right after it writes its first checkpoint."""
-    proc = subprocess.run([sys.executable, "-c", f"import checkpoint, torch\nfrom finetune import finetune\ntorch.set_num_threads("
-                           f"{torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
+def _run_until_first_checkpoint(script, args):
+    """finetune.<script>.main(args) in a subprocess, killed right after it writes its first checkpoint."""
+    proc = subprocess.run([sys.executable, "-c", f"import checkpoint, torch\nfrom finetune import common, {script}\n"
+                           f"torch.set_num_threads({torch.get_num_threads()})\nsave = checkpoint.save_checkpoint\n"
                            f"def stop(ckpt, *a):\n    save(ckpt, *a)\n    raise SystemExit(3)\n"
-                           f"finetune.save_checkpoint = stop\nfinetune.main({args!r})"],
+                           f"common.save_checkpoint = stop\n{script}.main({args!r})"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stderr
 
 
-def _refused(args, out, cases):
-    """Each (extra options, word) of cases is a ValueError of finetune.main whose message holds the word."""
+def _refused(script, args, out, cases):
+    """Each (extra options, word) of cases is a ValueError of script.main whose message holds the word."""
     for bad, word in cases:
         try:
-            finetune.main(args + ["--out", out] + bad)
+            script.main(args + ["--out", out] + bad)
         except ValueError as e:
             assert word in str(e), e
         else:
@@ -139,25 +146,25 @@ def test_finetune_resumes_exactly_and_probes():
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "2",
             "--warmup-epochs", "1", "--blr", "0.05"]
     with tempfile.TemporaryDirectory() as tmp:
-        straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
+        straight = classify.main(args + ["--out", os.path.join(tmp, "a")])
         # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
         stopped = args + ["--out", os.path.join(tmp, "b")]
-        _run_until_first_checkpoint(stopped)
-        resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+        _run_until_first_checkpoint("classify", stopped)
+        resumed = classify.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
         assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
         a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
         assert all(torch.equal(a[k], b[k]) for k in a)
         pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
         assert not torch.equal(a["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # fine-tuned
         # the probe, with a few labels per class: only the head moves; the body is the pretrained EMA
-        probe = finetune.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",
+        probe = classify.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",
                                       "--probe-epochs", "2", "--probe-warmup-epochs", "1", "--per-class", "2",
                                       "--probe-optimizer", "sgd"])
         p = torch.load(os.path.join(tmp, "p", "ckpt.pt"), weights_only=True)
         assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
         assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
         assert 0 <= probe["top1"] <= 1
-        _refused(args, os.path.join(tmp, "bad"), ((["--weights", "best"], "--weights"),
+        _refused(classify, args, os.path.join(tmp, "bad"), ((["--weights", "best"], "--weights"),
                                                   (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
                                                   (["--batch-size", "4096"], "batch")))
 
@@ -169,9 +176,9 @@ def test_torchrun_two_ranks_match_grad_accum():
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "1",
             "--warmup-epochs", "1", "--blr", "0.05"]
     with tempfile.TemporaryDirectory() as tmp:
-        one = finetune.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        one = classify.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                              "-m", "finetune.finetune", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
+                              "-m", "finetune.classify", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         two = torch.load(os.path.join(tmp, "two", "ckpt.pt"), weights_only=True)
@@ -182,13 +189,13 @@ def test_torchrun_two_ranks_match_grad_accum():
 
 
 # ------------------------------------------------------------------------------------------------ captioning
-CAPTION = ["--task", "caption", "--caption-batch-size", "8", "--caption-epochs", "2", "--head-width", "32",
-           "--head-heads", "4", "--head-encoder-layers", "1", "--head-decoder-layers", "1", "--text-len", "45",
-           "--demo-images", "24", "--demo-val-images", "6"]  # the captioned demo's shapes at the checkpoint's 8 px
+CAPTION = ["--caption-batch-size", "8", "--caption-epochs", "2", "--head-width", "32", "--head-heads", "4",
+           "--head-encoder-layers", "1", "--head-decoder-layers", "1", "--text-len", "45", "--demo-images", "24",
+           "--demo-val-images", "6"]  # the captioned demo's shapes at the checkpoint's 8 px
 
 
 def test_caption_head_shapes_and_greedy_decoding_is_causal():
-    head = finetune.CaptionHead(in_dim=16, num_tokens=9, vocab_size=50, text_len=12, width=32, num_heads=4,
+    head = CaptionHead(in_dim=16, num_tokens=9, vocab_size=50, text_len=12, width=32, num_heads=4,
                                 encoder_layers=2, decoder_layers=2, dropout=0.1).eval()
     feats = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(0))
     text = torch.randint(50, (3, 7), generator=torch.Generator().manual_seed(1))
@@ -209,10 +216,10 @@ def test_caption_head_shapes_and_greedy_decoding_is_causal():
     assert torch.allclose(changed[:, :3], full[:, :3], atol=1e-5) and not torch.allclose(changed[:, 3], full[:, 3])
     # the captioner: the first feature_layer blocks of the body, run by hand, under the head
     gen = checkpoint.load_checkpoint(pretrained()[0])[0]
-    cap = finetune.Captioner(gen, 2, 258, 45, 32, 4, 1, 1).eval()
+    cap = caption.Captioner(gen, 2, 258, 45, 32, 4, 1, 1).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        h = gen.x_proj(finetune.patchify(x, 2)) + gen.pos_embed  # (N, L, D)
+        h = gen.x_proj(patchify(x, 2)) + gen.pos_embed  # (N, L, D)
         for block in gen.blocks[:2]:
             h = block(h)
         assert torch.allclose(cap.image_tokens(x), h, atol=1e-5)
@@ -222,11 +229,11 @@ def test_caption_head_shapes_and_greedy_decoding_is_causal():
 
 def _caption_steps(freeze, steps=2):
     ckpt, _ = pretrained()
-    cfg = dict(finetune.config, task="caption", ckpt=ckpt, caption_freeze_body=freeze, head_width=32, head_heads=4,
+    cfg = dict(caption.config, ckpt=ckpt, caption_freeze_body=freeze, head_width=32, head_heads=4,
                head_encoder_layers=1, head_decoder_layers=1)
-    model, _, opt, recipe, tok, text_len = finetune.build_captioner(cfg, torch.device("cpu"))
+    model, _, opt, recipe, tok, text_len = caption.build_captioner(cfg, torch.device("cpu"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ids, lengths, _ = finetune.tokenization.tokenize(tok, ["a red star", "a small blue plus in the top left"], text_len)
+    ids, lengths, _ = tokenization.tokenize(tok, ["a red star", "a small blue plus in the top left"], text_len)
     for _ in range(steps):
         logits = model(torch.randn(2, 3, 8, 8), ids[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
@@ -262,8 +269,8 @@ def test_caption_body_frozen_or_at_its_own_lr():
 def test_caption_cider_evaluation_maxes_for_perfect_captions():
     ckpt, _ = pretrained()
     with tempfile.TemporaryDirectory() as tmp:
-        data = finetune.LatentData(finetune.demos.build_caption_demo_data(tmp, 8, 8, 3, 0))
-        tok = finetune.tokenization.build_tokenizer("")
+        data = LatentData(demos.build_caption_demo_data(tmp, 8, 8, 3, 0))
+        tok = tokenization.build_tokenizer("")
 
         class Oracle(torch.nn.Module):  # captions the images in order: their references, or shifted by one
             def __init__(self, shift):
@@ -273,16 +280,16 @@ def test_caption_cider_evaluation_maxes_for_perfect_captions():
             def caption(self, latents, bos, eos):
                 refs = [data.captions[(self.i + k + self.shift) % len(data)][0] for k in range(len(latents))]
                 self.i += len(latents)
-                return finetune.tokenization.tokenize(tok, refs, 45)[0]
+                return tokenization.tokenize(tok, refs, 45)[0]
 
-        args = (tok, 3, torch.device("cpu"), finetune.contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
-        perfect, captions = finetune.evaluate_captions(Oracle(0), data, *args)
+        args = (tok, 3, torch.device("cpu"), contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
+        perfect, captions = caption.evaluate_captions(Oracle(0), data, *args)
         assert [captions[i] for i in range(len(data))] == [c[0] for c in data.captions]
         assert math.isclose(perfect, 10.0, rel_tol=1e-9)  # CIDEr-D's maximum with one reference each
-        wrong, _ = finetune.evaluate_captions(Oracle(1), data, *args)
+        wrong, _ = caption.evaluate_captions(Oracle(1), data, *args)
         assert wrong < perfect
         model = _caption_steps(False, steps=0)[0]
-        score, _ = finetune.evaluate_captions(model, data, *args)  # an untrained captioner: a number, far below
+        score, _ = caption.evaluate_captions(model, data, *args)  # an untrained captioner: a number, far below
         assert 0 <= score < 1 and model.training
 
 
@@ -290,11 +297,11 @@ def test_caption_finetune_resumes_exactly_and_freezes():
     ckpt, shapes_data = pretrained()
     args = ["--ckpt", ckpt] + CAPTION
     with tempfile.TemporaryDirectory() as tmp:
-        straight = finetune.main(args + ["--out", os.path.join(tmp, "a")])
+        straight = caption.main(args + ["--out", os.path.join(tmp, "a")])
         stopped = args + ["--out", os.path.join(tmp, "b")]
-        _run_until_first_checkpoint(stopped)
+        _run_until_first_checkpoint("caption", stopped)
         assert len(torch.load(os.path.join(tmp, "b", "ckpt.pt"), weights_only=True)["history"]) == 1
-        resumed = finetune.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+        resumed = caption.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
         assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
         assert all(0 <= h["cider"] <= 10 and h["loss"] > 0 for h in straight["history"])
         a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True) for d in "ab")
@@ -305,14 +312,15 @@ def test_caption_finetune_resumes_exactly_and_freezes():
         log = open(os.path.join(tmp, "a", "finetune.log")).read()
         assert "2 epochs of 3 steps at batch 8" in log and "held-out CIDEr-D" in log and "6 held-out" in log
         # frozen: the body in the checkpoint is the pretrained EMA's, bit for bit
-        finetune.main(args + ["--out", os.path.join(tmp, "f"), "--caption-freeze-body", "--caption-epochs", "1"])
+        caption.main(args + ["--out", os.path.join(tmp, "f"), "--caption-freeze-body", "--caption-epochs", "1"])
         f = torch.load(os.path.join(tmp, "f", "ckpt.pt"), weights_only=True)["model"]
         body = [k for k in f if not k.startswith("head.")]
         assert body and all(torch.equal(f[k], pre[k]) for k in body)
-        _refused(args, os.path.join(tmp, "bad"), ((["--feature-layer", "9"], "--feature-layer"),
-                                                  (["--task", "captions"], "--task"),
-                                                  (["--data", shapes_data, "--val-data", shapes_data], "no captions"),
-                                                  (["--caption-body-lr", "0"], "--caption-freeze-body")))
+        _refused(caption, args, os.path.join(tmp, "bad"), ((["--feature-layer", "9"], "--feature-layer"),
+                                                           (["--task", "captions"], "--task"),
+                                                           (["--data", shapes_data, "--val-data", shapes_data],
+                                                            "no captions"),
+                                                           (["--caption-body-lr", "0"], "--caption-freeze-body")))
 
 
 def test_caption_finetune_takes_a_text_checkpoints_tokenizer():
@@ -324,7 +332,7 @@ def test_caption_finetune_takes_a_text_checkpoints_tokenizer():
         own = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["tokenizer"]
         args = ["--ckpt", os.path.join(run, "ckpt.pt")] + CAPTION[:-6] + ["--caption-epochs", "1", "--demo-images",
                                                                            "24", "--demo-val-images", "6"]
-        finetune.main(args + ["--out", os.path.join(tmp, "ft")])
+        caption.main(args + ["--out", os.path.join(tmp, "ft")])
         ft = torch.load(os.path.join(tmp, "ft", "ckpt.pt"), weights_only=True)
         assert own["kind"] == "bpe" and ft["tokenizer"] == own and ft["text_len"] == 10
         log = open(os.path.join(tmp, "ft", "finetune.log")).read()

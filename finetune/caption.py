@@ -40,7 +40,7 @@ config = dict(
     data="",  # captioned training latents (extract_latents.py of a folder with a metadata.jsonl); "" = the captioned
       # demo's images at the checkpoint's image size
     val_data="",  # held-out captioned latents for CIDEr-D (Karpathy test); the demo draws new images
-    out="out/finetune",  # run dir: ckpt.pt, finetune.log
+    out="out/caption",  # run dir: ckpt.pt, finetune.log
     resume=False,  # continue OUT/ckpt.pt exactly
     seed=0,  # seeds the head and every random draw
     # FLIP's COCO caption fine-tuning (paper App. C Table 13, its names and values)

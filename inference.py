@@ -1,5 +1,6 @@
-"""The generation engine: CausalFusion samples and captions through the KV cache (paper Sec. 3, 6, App. D), and the
-conversions between images and tokens. sample.py, train.py (grids, evaluation), bench.py and the demos use it.
+"""The generation engine: CausalFusion samples, zero-shot edits and captions through the KV cache (paper Sec. 3, 6,
+App. D), and the conversions between images and tokens. sample.py, editor/app.py, train.py (grids, evaluation),
+bench.py and the demos use it.
 
 Every AR step denoises its tokens through all sampler steps against a KV cache that holds the class tokens (or
 the prompt) and the clean tokens of the finished steps, entered once each; CFG runs [cond; null class] (or
@@ -15,12 +16,15 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from tqdm import tqdm
 
 import mask
 import tokenization
+from checkpoint import load_checkpoint
 from diffusion import Diffusion
 from model import patchify, unpatchify
+from vae import SCALE_FACTORS, build_vae
 
 # steps per AR step when --steps is 0: the paper's DDPM protocol, and the fast samplers' recommended counts
 ORDERS = ("random", "raster", "block_raster")  # as train.py --order (mask.token_order)
@@ -35,6 +39,23 @@ def make_diffusion(steps=0, sampler="ddpm", eta=0.0, spacing=""):
         raise ValueError(f"--steps must be >= 1, or 0 for the sampler's default ({DEFAULT_STEPS}); got {steps}")
     return Diffusion(steps or DEFAULT_STEPS.get(sampler, 1), sampler=sampler,
                      eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None)
+
+
+def load_model(cfg, device):
+    """(model on device, data meta, VAE, scale factor, tokenizer or None) of the options ckpt, ema, vae, vae_ckpt
+    and tokenizer of cfg (sample.py's, editor/app.py's): a train.py or authors' checkpoint with its VAE."""
+    model, meta = load_checkpoint(cfg["ckpt"], cfg["ema"], cfg["vae"])
+    model.to(device)
+    tokenizer = None
+    if model.text_vocab:
+        tokenizer = tokenization.from_state(meta["tokenizer"])
+        if cfg["tokenizer"]:
+            tokenization.check_same(meta["tokenizer"], cfg["tokenizer"])
+    vae_kind = cfg["vae"] or meta["vae"]
+    same_vae = vae_kind == meta["vae"]  # then the checkpoint's VAE weights and scale are the defaults
+    vae = build_vae(vae_kind, cfg["vae_ckpt"] or (meta.get("vae_ckpt") if same_vae else None), device=device)
+    scale = meta["scale_factor"] if same_vae else SCALE_FACTORS[vae_kind]
+    return model, meta, vae, scale, tokenizer
 
 
 # ------------------------------------------------------------------------------------------ one batch
@@ -91,10 +112,10 @@ def ar_plan(n, free, ar_steps, split, order, generator, grid=None, order_block=2
 
 def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal", order="random", order_block=2,
                  cfg_scale=1.0, cfg_interval=(0, 1000), dtype="fp32", context=None, context_pos=None, text=None,
-                 text_lengths=None):
+                 text_lengths=None, progress=None):
     """Tokens (N, L, P) in image order for labels (N,), or for texts (N, Lt) of text_lengths (N,) tokens (labels
     None); all randomness comes from batch_seed. context (N, K, P) at positions context_pos (N, K): clean tokens
-    to keep (editing); the others are generated."""
+    to keep (editing); the others are generated. progress: wraps each AR step's sampler steps (generate)."""
     device = model.x_proj.weight.device
     labels, text = (labels.to(device), None) if text is None else (None, text.to(device))
     g = torch.Generator().manual_seed(batch_seed)  # orders and splits, on the CPU
@@ -106,7 +127,8 @@ def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal"
     noise = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # a fresh stream
     with torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext():
         return generate(model, diffusion, labels, sizes, order_pos.to(device), noise, cfg_scale, cfg_interval, context,
-                        context_pos, text=text, text_lengths=None if text is None else text_lengths.to(device))
+                        context_pos, progress, text=text,
+                        text_lengths=None if text is None else text_lengths.to(device))
 
 
 def check_sampling_options(model, ar_steps=1, split="equal", order="random", order_block=2, cfg_scale=1.0,
@@ -205,6 +227,61 @@ def gather(images, labels, index, rank, world, tmp_dir):
         os.remove(os.path.join(tmp_dir, f".rank{r}.npz"))
     order = np.argsort(np.concatenate([p["index"] for p in parts]))
     return (np.concatenate([p["images"] for p in parts])[order], np.concatenate([p["labels"] for p in parts])[order])
+
+
+# ------------------------------------------------------------------------------------------ zero-shot editing
+def region_masks(grid):
+    """{name: (grid, grid) bool token mask} of the named regions (sample.py --keep): outer, the ring of grid // 4
+    tokens (at least 1) along the border; inner, the centre inside it; the halves top, bottom, left, right. The
+    paper regenerates the centre, the top or the bottom half (Fig. 2b) and the outer region (App. D, Fig. 7)."""
+    r = torch.arange(grid)
+    rows, cols = r[:, None].expand(grid, grid), r[None, :].expand(grid, grid)
+    ring = torch.minimum(torch.minimum(rows, cols), grid - 1 - torch.maximum(rows, cols))  # distance to the border
+    width, half = max(1, grid // 4), grid // 2
+    return dict(outer=ring < width, inner=ring >= width, top=rows < half, bottom=rows >= half, left=cols < half,
+                right=cols >= half)
+
+
+def snap_mask(image, grid):
+    """A mask image (PIL, any mode) -> (grid, grid) bool: True for the tokens whose pixels average white (>= 128
+    after converting to grayscale)."""
+    gray = image.convert("L").resize((grid, grid), Image.BOX)  # average over each token's pixels
+    return torch.from_numpy(np.asarray(gray) >= 128)
+
+
+def keep_mask(keep, grid):
+    """(grid, grid) bool token mask of the region kept as context: a named region or a PNG (white = keep)."""
+    regions = region_masks(grid)
+    if keep in regions:
+        kept = regions[keep]
+    elif os.path.isfile(keep):
+        kept = snap_mask(Image.open(keep), grid)
+    else:
+        raise ValueError(f"--keep {keep!r}: expected one of {', '.join(regions)} or an existing mask PNG")
+    if kept.all() or not kept.any():
+        raise ValueError(f"--keep {keep}: keeps {int(kept.sum())} of {grid * grid} tokens; keep some, not all")
+    return kept
+
+
+def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", prompts=None, tokenizer=None,
+                progress=None, **options):
+    """Regenerate the tokens outside `keep` (grid, grid) of each original (R, L, P) once per class (a text model:
+    once per prompt, classes None), conditioned on the kept tokens. Returns (R, B, L, P), B classes or prompts;
+    the kept tokens are the originals' exactly. Row r draws from seed * 1_000_003 + 1 + r (sample.py --edit)."""
+    kept = keep.flatten().nonzero()[:, 0].to(originals.device)  # (K,) image positions
+    check_sampling_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
+    if prompts:
+        text, lengths, _ = tokenization.tokenize(tokenizer, prompts, model.num_prefix_tokens)
+        cond, n = dict(labels=None, text=text, text_lengths=lengths), len(prompts)
+    else:
+        cond, n = dict(labels=torch.tensor(classes)), len(classes)
+    rows = []
+    for r, tokens in enumerate(originals):
+        context = tokens[kept].expand(n, -1, -1)  # (B, K, P)
+        # row r's seed index 1 + r: index 0 generated the originals (--edit-class)
+        rows.append(sample_batch(model, diffusion, batch_seed=seed * 1_000_003 + 1 + r, dtype=dtype, context=context,
+                                 context_pos=kept.expand(n, -1), progress=progress, **cond, **options))
+    return torch.stack(rows)
 
 
 # ------------------------------------------------------------------------------------------ captioning

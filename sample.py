@@ -24,14 +24,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-import tokenization
-from checkpoint import load_checkpoint
 from runtime import parse_config
-from inference import (caption_images, check_sampling_options, encode_images, gather, make_diffusion, sample_batch,
-                    sample_images, tokens_to_images)
+from inference import (caption_images, check_sampling_options, edit_tokens, encode_images, gather, keep_mask,
+                       load_model, make_diffusion, sample_batch, sample_images, tokens_to_images)
 from images import GRID_PIXELS, IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
 from runtime import autocast_dtype, distributed
-from vae import SCALE_FACTORS, build_vae
 
 config = dict(
     ckpt="",  # a checkpoint of train.py, or of the authors' code (keys model/ema/args)
@@ -62,7 +59,7 @@ config = dict(
     edit_class=-1,  # >= 0 and no --edit: first generate the originals with this class (paper Fig. 2b)
     keep="outer",  # region kept as context: outer, inner, top, bottom, left, right, or MASK.png (white = keep)
     # text models (paper Sec. 6)
-    prompts=[],  # text-to-image: prompts, cycled over the samples
+    prompts=[],  # text-to-image: prompts, cycled over the samples (editing a text model: the new prompts)
     prompts_file="",  # text-to-image: a UTF-8 file of prompts, one per line, after --prompts
     caption="",  # captioning instead: an image, a folder of images, or an .npz (arr_0); --out takes a .jsonl
     temperature=0.0,  # captioning: 0 = greedy decoding, else sampling at this temperature
@@ -136,41 +133,6 @@ def run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, diff
 
 
 # ------------------------------------------------------------------------------------------ zero-shot editing
-def keep_mask(keep, grid):
-    """(grid, grid) bool token mask of the region kept as context: a named region or a PNG (white = keep)."""
-    r = torch.arange(grid)
-    rows, cols = r[:, None].expand(grid, grid), r[None, :].expand(grid, grid)
-    ring = torch.minimum(torch.minimum(rows, cols), grid - 1 - torch.maximum(rows, cols))  # distance to the border
-    width, half = max(1, grid // 4), grid // 2
-    regions = dict(outer=ring < width, inner=ring >= width, top=rows < half, bottom=rows >= half, left=cols < half,
-                   right=cols >= half)
-    if keep in regions:
-        kept = regions[keep]
-    elif os.path.isfile(keep):
-        gray = Image.open(keep).convert("L").resize((grid, grid), Image.BOX)  # average over each token's pixels
-        kept = torch.from_numpy(np.asarray(gray) >= 128)
-    else:
-        raise ValueError(f"--keep {keep!r}: expected one of {', '.join(regions)} or an existing mask PNG")
-    if kept.all() or not kept.any():
-        raise ValueError(f"--keep {keep}: keeps {int(kept.sum())} of {grid * grid} tokens; keep some, not all")
-    return kept
-
-
-def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", **options):
-    """Regenerate the tokens outside `keep` (grid, grid) of each original (R, L, P) once per class, conditioned on
-    the kept tokens. Returns (R, len(classes), L, P); the kept tokens are the originals' exactly."""
-    kept = keep.flatten().nonzero()[:, 0].to(originals.device)  # (K,) image positions
-    check_sampling_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
-    labels = torch.tensor(classes)
-    rows = []
-    for r, tokens in enumerate(originals):
-        context = tokens[kept].expand(len(classes), -1, -1)  # (B, K, P)
-        # row r's seed index 1 + r: index 0 generated the originals (--edit-class)
-        rows.append(sample_batch(model, diffusion, labels, seed * 1_000_003 + 1 + r, dtype=dtype, context=context,
-                                 context_pos=kept.expand(len(classes), -1), **options))
-    return torch.stack(rows)
-
-
 def edit_figure(originals, edits, keep, path):
     """One PNG, one row per original (R, H, W, 3): [original | kept region, the rest grey | its B edits
     (R * B, H, W, 3)] (the layout of the paper's Fig. 2b and 7)."""
@@ -194,17 +156,20 @@ def load_image(path, index, size):
     return np.asarray(center_crop(image, size))[None]
 
 
-def run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options):
-    """--edit / --edit-class: originals, their edits, and the figure; returns its path."""
+def run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options, prompts=None, tokenizer=None):
+    """--edit / --edit-class: originals, their edits (one per class, or a text model's prompts), and the figure;
+    returns its path."""
     keep, rows = keep_mask(cfg["keep"], model.grid_size), cfg["num_samples"]
     if cfg["edit"]:
         image = load_image(cfg["edit"], cfg["edit_index"], meta["image_size"])
         originals = encode_images(image, model, vae, scale).expand(rows, -1, -1)  # one image, R rows of edits
+    elif prompts:
+        raise ValueError("--edit-class generates class-conditional originals: a text model edits an --edit image")
     else:  # what a plain run with --classes edit_class --batch-size R gives (batch 0)
         check_sampling_options(model, classes=[cfg["edit_class"]], **options)
         originals = sample_batch(model, diffusion, torch.full((rows,), cfg["edit_class"]), cfg["seed"] * 1_000_003,
                                  dtype=dtype, **options)
-    edits = edit_tokens(model, originals, keep, classes, cfg["seed"], diffusion, dtype, **options)
+    edits = edit_tokens(model, originals, keep, classes, cfg["seed"], diffusion, dtype, prompts, tokenizer, **options)
     path = os.path.join(cfg["out_dir"], f"edit_{os.path.basename(cfg['keep']).removesuffix('.png')}.png")
     edit_figure(tokens_to_images(originals, model, vae, scale), tokens_to_images(edits.flatten(0, 1), model, vae,
                 scale), keep, path)
@@ -254,22 +219,6 @@ def run_captions(cfg, model, meta, vae, scale, tokenizer, dtype):
 
 
 # ------------------------------------------------------------------------------------------ main
-def load_model(cfg, device):
-    """(model on device, data meta, VAE, scale factor, tokenizer or None) of --ckpt with --vae / --vae-ckpt."""
-    model, meta = load_checkpoint(cfg["ckpt"], cfg["ema"], cfg["vae"])
-    model.to(device)
-    tokenizer = None
-    if model.text_vocab:
-        tokenizer = tokenization.from_state(meta["tokenizer"])
-        if cfg["tokenizer"]:
-            tokenization.check_same(meta["tokenizer"], cfg["tokenizer"])
-    vae_kind = cfg["vae"] or meta["vae"]
-    same_vae = vae_kind == meta["vae"]  # then the checkpoint's VAE weights and scale are the defaults
-    vae = build_vae(vae_kind, cfg["vae_ckpt"] or (meta.get("vae_ckpt") if same_vae else None), device=device)
-    scale = meta["scale_factor"] if same_vae else SCALE_FACTORS[vae_kind]
-    return model, meta, vae, scale, tokenizer
-
-
 def main(argv=None):
     cfg = dict(config)
     parse_config(cfg, argv)
@@ -296,10 +245,11 @@ def main(argv=None):
             if rank == 0:
                 run_captions(cfg, model, meta, vae, scale, tokenizer, dtype)
         elif cfg["edit"] or cfg["edit_class"] >= 0:
-            if not classes:
-                raise ValueError("editing needs --classes: the new class(es) of the regenerated region")
+            if not classes and not prompts:
+                raise ValueError("editing needs --classes: the new class(es) of the regenerated region (a text "
+                                 "model: --prompts)")
             if rank == 0:
-                path = run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options)
+                path = run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options, prompts, tokenizer)
                 print(f"wrote {path} ({time.time() - start:.1f} s)")
         else:
             run_samples(cfg, model, vae, scale, classes, prompts, tokenizer, dtype, diffusion, options, rank, world)

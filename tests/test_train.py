@@ -21,6 +21,7 @@ import tokenization
 import mask
 import runtime
 import train
+import train_monitor
 import train_step
 from diffusion import Diffusion
 from latents import LatentData, extract
@@ -650,11 +651,12 @@ def test_fid_samples_under_torchrun_equal_one_process():
 import numpy as np
 sys.path.insert(0, {ROOT!r})
 import train
+import train_monitor
 def keep(samples, *a, **kw):
     np.save(sys.argv[1], samples)
     return dict(mu=np.zeros(2048), sigma=np.eye(2048))
-train.fid.compute_stats = keep
-train.fid.frechet_distance = lambda *a: float(np.load(sys.argv[1]).astype(np.float64).var())
+train_monitor.fid.compute_stats = keep
+train_monitor.fid.frechet_distance = lambda *a: float(np.load(sys.argv[1]).astype(np.float64).var())
 train.main(sys.argv[2:])
 """)
         env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -434,8 +434,8 @@ def test_table1_ablations_train_and_sample():
         train.main(args + ["--max-steps", "4", "--resume"])
         out = os.path.join(tmp, "s.npz")
         subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", os.path.join(tmp, "run", "ckpt.pt"),
-                        "--num-samples", "2", "--steps", "3", "--ar-steps", "4", "--out", out, "--out-dir", os.path.join(tmp, "samples")], check=True,
-                       capture_output=True, timeout=300)
+                        "--num-samples", "2", "--steps", "3", "--ar-steps", "4", "--out", out,
+                        "--out-dir", os.path.join(tmp, "samples")], check=True, capture_output=True, timeout=300)
         assert np.load(out)["arr_0"].shape == (2, 8, 8, 3)
         for bad, word in ((["--time-token", "--per-step-t"], "--time-token"), (["--noisy-copies", "0"], "--noisy-copies"),
                           (["--split-per", "image"], "--split-per")):

@@ -1,9 +1,10 @@
 """Checkpoints: atomic writes, and one reader for train.py's files and the authors' released ones.
 
-train.py's ckpt.pt holds model, ema, optimizer, step, config, model_config, data (the latent format) and rng
-(and a text model's tokenizer); the fine-tunes' (finetune/classify.py, finetune/caption.py) hold their classifier or
-captioner. The authors' files hold model, ema and their pickled argparse args; their model config is read off the
-tensor demos. Everything is plain tensors and values, read with torch.load(weights_only=True).
+train.py's ckpt.pt holds model, ema, optimizer, step, config (its options, the objective among them: a run before
+--objective existed is eps), model_config, data (the latent format) and rng (and a text model's tokenizer); the
+fine-tunes' (finetune/classify.py, finetune/caption.py) hold their classifier or captioner. The authors' files hold
+model, ema and their pickled argparse args (eps); their model config is read off the tensor demos. Everything is
+plain tensors and values, read with torch.load(weights_only=True).
 """
 import argparse
 import math
@@ -62,7 +63,7 @@ def authors_config(sd, vae):
                         cond_repeat=num_cond // (width // hidden), learn_pos=True,
                         mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / hidden)
     meta = dict(vae=vae, scale_factor=SCALE_FACTORS[vae], latent_shape=[channels, grid * patch, grid * patch],
-                image_size=grid * patch * down, num_classes=rows - 1, class_names=None)
+                image_size=grid * patch * down, num_classes=rows - 1, class_names=None, objective="eps")
     return model_config, meta
 
 
@@ -73,15 +74,21 @@ def _weights(ckpt, path, use_ema, vae):
         raise ValueError(f"{path}: no {key!r} weights (keys: {list(ckpt)[:8]}); see --ema")
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in ckpt[key].items()}  # DDP/compile
     if "model_config" in ckpt:
-        return sd, ckpt["model_config"], dict(ckpt["data"], tokenizer=ckpt.get("tokenizer"))
+        return sd, ckpt["model_config"], dict(ckpt["data"], tokenizer=ckpt.get("tokenizer"), objective=objective(ckpt))
     if "args" in ckpt:
         return (sd, *authors_config(sd, vae or "mar"))
     raise ValueError(f"{path}: neither a train.py checkpoint (model_config) nor the authors' (args)")
 
 
+def objective(ckpt):
+    """The objective (diffusion.py) a train.py checkpoint was trained with: eps before --objective existed."""
+    return ckpt.get("config", {}).get("objective", "eps")
+
+
 def load_checkpoint(path, use_ema=True, vae=None):
-    """A train.py or authors' checkpoint -> (CausalFusion in eval mode on the CPU, data meta dict); vae names the
-    authors' checkpoint's VAE (default mar). A weight that does not fit the config is an error listing all."""
+    """A train.py or authors' checkpoint -> (CausalFusion in eval mode on the CPU, data meta dict with the
+    objective); vae names the authors' checkpoint's VAE (default mar). A weight that does not fit the config is an
+    error listing all."""
     sd, model_config, meta = _weights(read_checkpoint(path), path, use_ema, vae)
     key = "ema" if use_ema else "model"
     model = CausalFusion(**model_config)
@@ -98,9 +105,12 @@ def load_checkpoint(path, use_ema=True, vae=None):
     return model.eval(), meta
 
 
-def check_resumable(ckpt, path, model_config, data_info, tokenizer):
-    """Refuse (with the differences) a train.py checkpoint whose model, latent format or tokenizer is not this
-    run's."""
+def check_resumable(ckpt, path, model_config, data_info, tokenizer, run_objective="eps"):
+    """Refuse (with the differences) a train.py checkpoint whose objective, model, latent format or tokenizer is not
+    this run's."""
+    if objective(ckpt) != run_objective:
+        raise ValueError(f"--resume: {path} was trained with --objective {objective(ckpt)}, this run has --objective "
+                         f"{run_objective}; resume with --objective {objective(ckpt)}, or use a new --out")
     if tokenizer is not None:  # first: another tokenizer also means another text vocabulary in the model config
         theirs, ours = ckpt.get("tokenizer", {}), tokenizer.state()
         if (theirs.get("kind"), theirs.get("sha256")) != (ours["kind"], ours.get("sha256")):

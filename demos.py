@@ -266,6 +266,9 @@ def _figures(accuracy):
 
 
 # ------------------------------------------------------------------------------------------ evaluating the demos
+KID_SCALE = 1000  # pixel KIDs are printed x 1000, as KIDs usually are
+
+
 def nearest_neighbour_accuracy(samples, labels, data):
     """Share of samples (N, C, H, W) (unscaled latents; pixels in [-1, 1] for --vae none) whose nearest
     training latent (L2, either flip) has their class. No network needed; chance is ~1 / num_classes."""
@@ -273,6 +276,17 @@ def nearest_neighbour_accuracy(samples, labels, data):
     train = torch.from_numpy(train).float().flatten(2).flatten(0, 1)  # (2N, C*H*W)
     nearest = torch.cdist(samples.float().flatten(1), train).argmin(1) // 2  # index of the training image
     return (data.labels[nearest] == labels).float().mean().item()
+
+
+def kernel_distance(x, y):
+    """KID's distance (Binkowski et al. 2018, "Demystifying MMD GANs"): the unbiased squared MMD between the rows
+    of x (N, D) and y (M, D) under the cubic kernel k(a, b) = (a.b / D + 1)^3, here on pixels. 0 in expectation
+    for two draws of one distribution; no network needed."""
+    x, y = x.double(), y.double()
+    n, m, d = len(x), len(y), x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3)  # (N, N), (M, M), (N, M)
+    return ((kxx.sum() - kxx.trace()) / (n * (n - 1)) + (kyy.sum() - kyy.trace()) / (m * (m - 1))
+            - 2 * kxy.mean()).item()
 
 
 def pixel_images(data):
@@ -340,9 +354,15 @@ def evaluate_class_demo(ema, cfg, data, diffusion, autocast, log):
     summary["nn_accuracy"] = nearest_neighbour_accuracy(samples, labels, data)
     log(f"step {cfg['max_steps']} | nearest-neighbour class accuracy of {len(labels)} EMA samples: "
         f"{summary['nn_accuracy']:.3f} (chance {1 / data.num_classes:.3f})")
-    if not cfg["data"]:  # the demo: the same figure for fresh real images is the ceiling
+    if not cfg["data"]:  # the demo: the same figures for fresh real images are the ceiling
         real, real_labels = draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 1)
         real = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
         summary["nn_accuracy_real"] = nearest_neighbour_accuracy(real, torch.from_numpy(real_labels), data)
         log(f"step {cfg['max_steps']} | the same for {len(real)} fresh real images: {summary['nn_accuracy_real']:.3f}")
+        # the distribution distance of the samples to fresh real images, and of other fresh real images (its floor)
+        other = torch.from_numpy(draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 4)[0]).permute(0, 3, 1, 2)
+        summary["kid"] = KID_SCALE * kernel_distance(samples.clamp(-1, 1).flatten(1), real.flatten(1))
+        summary["kid_real"] = KID_SCALE * kernel_distance(other.float().flatten(1) / 127.5 - 1, real.flatten(1))
+        log(f"step {cfg['max_steps']} | pixel KID x {KID_SCALE} of the EMA samples to {len(real)} fresh real images: "
+            f"{summary['kid']:.2f}; of {len(other)} other fresh real images: {summary['kid_real']:.2f}")
     return summary

@@ -1,5 +1,18 @@
 """Diffusion for CausalFusion (Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling", Sec. 3):
-linear schedule, epsilon-prediction training loss with AR weights, CFG inside an interval, and four samplers:
+the objectives, the timesteps training draws, the AR-weighted loss, CFG inside an interval, and the samplers.
+
+Objectives: each is a Gaussian path x_t = alpha_t x0 + sigma_t eps that the training loss and the samplers go along.
+  eps   the paper's: the linear VP schedule of T = 1000 timesteps, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
+        the model predicts eps.
+  flow  flow matching with the linear interpolant (rectified flow, Liu et al. 2022; Lipman et al. 2023; SiT, Ma et
+        al. 2024, path Linear, prediction velocity): continuous t in [0, 1], alpha_t = 1 - t, sigma_t = t; the model
+        predicts the velocity v = dx_t/dt = eps - x0 and sees the timestep T t (the embedder of eps's 0..T-1, so the
+        architecture is unchanged).
+The timesteps training draws: uniform (the paper's), or logit-normal t = sigmoid(n), n ~ N(m, s^2) (Esser et al.
+2024, SD3, Sec. 3.1), which eps takes to the timestep floor(T t). The loss: the AR-weighted MSE of the prediction,
+optionally times min-SNR-gamma weights (Hang et al. 2023; see min_snr_weight).
+
+Samplers of eps:
   ddpm      ancestral, fixed "large" variance (Ho et al. 2020), ADM respacing (Nichol & Dhariwal 2021;
             Dhariwal & Nichol 2021): the paper's;
   ddim      DDIM (Song et al. 2021), deterministic at eta = 0; the last step lands on alpha_bar = 1;
@@ -8,46 +21,72 @@ linear schedule, epsilon-prediction training loss with AR weights, CFG inside an
   dpm++sde  the same with its SDE form, SDE-DPM-Solver++(2M).
 The fast ones step as diffusers' DDIMScheduler (set_alpha_to_one) and DPMSolverMultistepScheduler
 (lower_order_final, final_sigmas_type "zero", midpoint); test_diffusion.py compares them step by step.
+Samplers of flow, at t = N/N, ..., 1/N, landing on t = 0:
+  euler     the Euler step of the ODE dx/dt = v, x_{t'} = x_t + (t' - t) v (diffusers' FlowMatchEulerDiscreteScheduler;
+            on this path it is also DDIM and first-order DPM-Solver++);
+  dpm++, dpm++sde  eps's DPM-Solver++(2M) and its SDE form, written in (alpha_t, sigma_t), along alpha_t = 1 - t,
+            sigma_t = t: second order at one model call per step.
 
-Timesteps handed to the model are always those of the full T-step schedule, also when sampling with fewer
-steps (ADM/DiT respacing without timestep rescaling); every sampler makes one eps call per step.
+Timesteps handed to the model are always those of the full T-step schedule (eps: ADM/DiT respacing without timestep
+rescaling; flow: T t); every sampler makes one model call per step. The CFG interval is in timesteps of the eps
+schedule for both objectives: a flow time counts as the first eps timestep with at most its SNR (eps_timesteps).
 """
 import math
 
 import torch
 
-SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")
+OBJECTIVES = ("eps", "flow")
+SAMPLERS = ("ddpm", "ddim", "dpm++", "dpm++sde")  # eps's; the first is its default
+FLOW_SAMPLERS = ("euler", "dpm++", "dpm++sde")  # flow's; the first is its default (docs/flow.md: measured)
+SAMPLERS_OF = {"eps": SAMPLERS, "flow": FLOW_SAMPLERS}
 SPACINGS = ("uniform", "trailing", "logsnr")
-# the timesteps each fast sampler visits by default: trailing scored best of the three on the class demo (README,
-# "Fast sampling"); ddpm always takes ADM's uniform respacing, the paper's
+# the timesteps each fast eps sampler visits by default: trailing scored best of the three on the class demo
+# (docs/sampling.md, "Fast samplers"); ddpm always takes ADM's uniform respacing, the paper's. Flow visits t = i / N ("uniform").
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++": "trailing", "dpm++sde": "trailing"}
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
+LOSS_WEIGHTINGS = ("none", "min-snr")
 
 
 class Diffusion:
-    def __init__(self, sample_steps=250, num_timesteps=1000, sampler="ddpm", eta=None, spacing=None):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"--sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if not 1 <= sample_steps <= num_timesteps:
+    def __init__(self, sample_steps=250, num_timesteps=1000, sampler=None, eta=None, spacing=None, objective="eps"):
+        if objective not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        samplers = SAMPLERS_OF[objective]
+        sampler = sampler or samplers[0]
+        if sampler not in samplers:
+            theirs = [o for o in OBJECTIVES if sampler in SAMPLERS_OF[o]]
+            raise ValueError(f"--sampler must be one of {', '.join(samplers)} for an {objective} model, got {sampler!r}"
+                             + (f" (a sampler of {theirs[0]} models)" if theirs else ""))
+        if not 1 <= sample_steps <= (num_timesteps if objective == "eps" else math.inf):
             raise ValueError(f"--steps must be in 1..{num_timesteps}, got {sample_steps}")
         if sampler.startswith("dpm++") and sample_steps < 2:
             raise ValueError(f"--sampler {sampler} needs --steps >= 2, got {sample_steps}")
         if eta is not None and (sampler != "ddim" or not 0 <= eta <= 1):  # above 1, sigma^2 > 1 - alpha_bar_prev
             raise ValueError(f"--eta is for --sampler ddim, in [0, 1]; got --eta {eta} with --sampler {sampler}")
-        spacing = spacing or DEFAULT_SPACING.get(sampler, "uniform")
+        spacing = spacing or (DEFAULT_SPACING.get(sampler, "uniform") if objective == "eps" else "uniform")
         if spacing not in SPACINGS or sampler == "ddpm" and spacing != "uniform":
             raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)} (ddpm: uniform), got {spacing!r}")
-        self.sampler, self.spacing, self.eta = sampler, spacing, 0.0 if eta is None and sampler == "ddim" else eta
+        if objective == "flow" and spacing != "uniform":
+            raise ValueError(f"--spacing of a flow model's samplers: uniform (t = i / N), got {spacing!r}")
+        self.objective, self.sampler, self.spacing = objective, sampler, spacing
+        self.eta = 0.0 if eta is None and sampler == "ddim" else eta
         scale = 1000 / num_timesteps  # keeps the linear schedule's endpoints meaningful for any T
         full_betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
         self.num_timesteps = num_timesteps
         self.full_alphas_cumprod = torch.cumprod(1 - full_betas, 0)  # (T,) float64
+        if objective == "flow":
+            self._flow_sampler(sample_steps)
+            return
 
         self.timesteps = torch.tensor(self._respace(sample_steps, spacing))  # ascending, visited last to first
+        self.model_timesteps = self.guide_timesteps = self.timesteps.tolist()  # what the model and CFG see
         acp = self.alphas_cumprod = self.full_alphas_cumprod[self.timesteps]
         if sampler == "ddim":  # steps through step(), with its own coefficients
             self.step_coefs = self._ddim_coefs(acp.tolist(), self.eta)
-        if sampler.startswith("dpm++"):  # steps through dpm_step()
-            self.dpm_coefs = self._dpm_coefs(acp.tolist(), sde=sampler == "dpm++sde")
+        if sampler.startswith("dpm++"):  # steps through dpm_step(); x0 = (x - sqrt(1 - a) eps) / sqrt(a)
+            a = acp.tolist()
+            data = [(1 / math.sqrt(x), -math.sqrt((1 - x) / x)) for x in a]
+            self.dpm_coefs = self._dpm_coefs(a, [1 - x for x in a], data, sde=sampler == "dpm++sde")
         if sampler != "ddpm":
             return  # the rest is DDPM's
         acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
@@ -61,6 +100,28 @@ class Diffusion:
         # Python floats, so the sampler's hot loop makes no device copies and no per-step .item() calls
         self.step_coefs = torch.stack([self.coef_x0 / acp.sqrt() + self.coef_xt,
                                        -self.coef_x0 * (1 - acp).sqrt() / acp.sqrt(), self.variance.sqrt()], 1).tolist()
+
+    def _flow_sampler(self, n):
+        """A flow sampler visiting t = N/N, ..., 1/N (ascending in self.timesteps, float64), landing on t = 0: the
+        model sees T t, CFG's interval the eps timesteps of the same SNR."""
+        self.timesteps = torch.arange(1, n + 1, dtype=torch.float64) / n
+        t = self.timesteps.tolist()
+        self.model_timesteps = [self.num_timesteps * x for x in t]
+        self.guide_timesteps = self.eps_timesteps(self.timesteps).tolist()
+        if self.sampler == "euler":  # x' = x + (t' - t) v, in step()'s form
+            self.step_coefs = [[1.0, t1 - t0, 0.0] for t0, t1 in zip(t, [0.0] + t[:-1])]
+        else:  # x0 = x - t v: alpha = 1 - t, sigma = t
+            self.dpm_coefs = self._dpm_coefs([(1 - x) ** 2 for x in t], [x * x for x in t], [(1.0, -x) for x in t],
+                                             sde=self.sampler == "dpm++sde")
+
+    def eps_timesteps(self, t):
+        """The eps timesteps (long) of flow times t: the first timestep of the T-step schedule whose SNR is at most
+        t's, ((1 - t) / t)^2 (the number of timesteps with a higher SNR), T - 1 for the times noisier than all.
+        So `--cfg-interval LO HI` (lo <= timestep < hi, as the authors') guides the same region of noise for both
+        objectives; (0, 1000) every flow time."""
+        log_snr = (self.full_alphas_cumprod / (1 - self.full_alphas_cumprod)).log()  # (T,) decreasing
+        flow_log_snr = 2 * ((1 - t.double()).log() - t.double().log())  # -inf at t = 1
+        return (log_snr > flow_log_snr[..., None]).sum(-1).clamp(max=self.num_timesteps - 1)
 
     def _respace(self, n, spacing):
         """The N distinct full-schedule timesteps a sampler visits, ascending.
@@ -97,86 +158,130 @@ class Diffusion:
         return coefs
 
     @staticmethod
-    def _dpm_coefs(acp, sde):
-        """DPM-Solver++(2M) step i, timesteps[i] -> [i - 1] (-> the data for i = 0): alpha = sqrt(a), sigma =
-        sqrt(1 - a), lambda = log(alpha / sigma), h = lambda' - lambda. x0 = p x + q eps, D = x0 + c (x0 - x0_prev)
-        with c = h / (2 h_prev), x' = A x + G D + s z;  ODE: A = sigma'/sigma, G = alpha' (1 - e^-h), s = 0;
-        SDE: A = sigma'/sigma e^-h, G = alpha' (1 - e^-2h), s = sigma' sqrt(1 - e^-2h). First order (c = 0) at
-        the first step (no x0_prev) and the last, to lambda' = inf: there h = inf gives x' = x0."""
-        lam = [0.5 * math.log(a / (1 - a)) for a in acp]
-        n, coefs = len(acp), []
-        for i, a in enumerate(acp):
-            a1, h = (acp[i - 1], lam[i - 1] - lam[i]) if i else (1.0, math.inf)
+    def _dpm_coefs(alpha2, sigma2, data, sde):
+        """DPM-Solver++(2M) step i, timesteps[i] -> [i - 1] (-> the data for i = 0), on any Gaussian path given by
+        alpha^2 and sigma^2 at each timestep: lambda = log(alpha / sigma), h = lambda' - lambda. x0 = p x + q pred
+        ((p, q) = data[i]), D = x0 + c (x0 - x0_prev) with c = h / (2 h_prev), x' = A x + G D + s z;  ODE: A =
+        sigma'/sigma, G = alpha' (1 - e^-h), s = 0; SDE: A = sigma'/sigma e^-h, G = alpha' (1 - e^-2h), s = sigma'
+        sqrt(1 - e^-2h). First order (c = 0) at the first step (no x0_prev) and the last, to lambda' = inf: there h
+        = inf gives x' = x0. A flow model's first step starts at alpha = 0, lambda = -inf: h = inf, x' = alpha' x0
+        + sigma' (x or, SDE, fresh noise), and the next one is first order too (h_prev = inf)."""
+        lam = [0.5 * math.log(a / s) if a > 0 else -math.inf for a, s in zip(alpha2, sigma2)]
+        n, coefs = len(alpha2), []
+        for i, (a, v) in enumerate(zip(alpha2, sigma2)):
+            a1, v1, h = (alpha2[i - 1], sigma2[i - 1], lam[i - 1] - lam[i]) if i else (1.0, 0.0, math.inf)
             c = h / (2 * (lam[i] - lam[i + 1])) if 0 < i < n - 1 else 0.0
-            A = math.sqrt((1 - a1) / (1 - a)) * (math.exp(-h) if sde else 1.0)
+            A = math.sqrt(v1 / v) * (math.exp(-h) if sde else 1.0)
             G = -math.sqrt(a1) * math.expm1(-(1 + sde) * h)  # expm1: h is small at large N
-            s = math.sqrt(-(1 - a1) * math.expm1(-2 * h)) if sde else 0.0
-            coefs.append([1 / math.sqrt(a), -math.sqrt((1 - a) / a), A, G, c, s])
+            s = math.sqrt(-v1 * math.expm1(-2 * h)) if sde else 0.0
+            coefs.append([*data[i], A, G, c, s])
         return coefs
 
-    def _acp(self, t, like):
-        """alpha_bar_t for full-schedule timesteps t, shaped to broadcast against tokens `like`."""
+    def _path(self, t, like):
+        """(alpha_t, sigma_t) of timesteps t (N,) or per token (N, L), shaped to broadcast against tokens `like`."""
+        shape = (*t.shape, *([1] * (like.dim() - t.dim())))  # (N, 1, 1) or (N, L, 1)
+        if self.objective == "flow":
+            t = t.to(torch.float32).view(shape)
+            return 1 - t, t
         if self.full_alphas_cumprod.device != t.device:  # moved once: a copy per call would sync the GPU
             self.full_alphas_cumprod = self.full_alphas_cumprod.to(t.device)
-        acp = self.full_alphas_cumprod[t].to(torch.float32)
-        return acp.view(*t.shape, *([1] * (like.dim() - t.dim())))  # (N, 1, 1) or (N, L, 1)
+        acp = self.full_alphas_cumprod[t].to(torch.float32).view(shape)
+        return acp.sqrt(), (1 - acp).sqrt()
 
     def q_sample(self, x0, t, noise):
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps; t is (N,) or per token (N, L)."""
-        acp = self._acp(t, x0)
-        return acp.sqrt() * x0 + (1 - acp).sqrt() * noise
+        """x_t = alpha_t x_0 + sigma_t eps; t is (N,) or per token (N, L): eps's timesteps, flow's times."""
+        alpha, sigma = self._path(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def model_time(self, t):
+        """The timesteps the model's embedder sees for training's t: eps's themselves, T t for flow."""
+        return t if self.objective == "eps" else self.num_timesteps * t
+
+    def draw_timesteps(self, shape, generator, sampling="uniform", logit_mean=0.0, logit_std=1.0):
+        """Training's timesteps, one per element of shape: eps's long in 0..T-1, flow's float t in [0, 1].
+        uniform: the paper's; logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's lognorm), for
+        eps the timestep floor(T t)."""
+        if sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"--timestep-sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
+        if sampling == "uniform":
+            if self.objective == "eps":
+                return torch.randint(0, self.num_timesteps, shape, generator=generator)
+            return torch.rand(shape, generator=generator)
+        t = torch.sigmoid(logit_mean + logit_std * torch.randn(shape, generator=generator))
+        return t if self.objective == "flow" else (self.num_timesteps * t).long().clamp(max=self.num_timesteps - 1)
+
+    def min_snr_weight(self, t, gamma, like):
+        """Min-SNR-gamma weights (Hang et al. 2023) of training's t, shaped as _path's. They weight the x0 error
+        by min(SNR, gamma), SNR = alpha^2 / sigma^2. Our loss is the MSE of the model's prediction, and the x0
+        estimate is x0 = p x_t + q pred, so the x0 error is q times the prediction's error, and the weight on our
+        MSE is min(SNR, gamma) q^2:
+          eps:  x0 = (x_t - sigma eps) / alpha, q^2 = sigma^2 / alpha^2 = 1 / SNR: min(SNR, gamma) / SNR (theirs);
+          flow: x0 = x_t - t v, q^2 = t^2, SNR = ((1 - t) / t)^2: min(SNR, gamma) t^2, i.e. min(SNR, gamma) /
+                (1 + sqrt(SNR))^2 (0 at t = 0 and t = 1).
+        Either way the loss, as a function of the implied x0, is theirs."""
+        alpha, sigma = self._path(t, like)
+        snr = (alpha / sigma).square()
+        q2 = 1 / snr if self.objective == "eps" else sigma.square()
+        return snr.clamp(max=gamma) * q2
 
     def training_loss(self, model, x0, t, noise, weights, **model_kwargs):
-        """AR-weighted MSE on epsilon over all noisy tokens. x0, noise (N, L, P) in AR order; weights (N, L).
+        """AR-weighted MSE of the prediction over all noisy tokens. x0, noise (N, L, P) in AR order; weights (N, L).
         The clean tokens shown to the model as context are x0 itself."""
         xt = self.q_sample(x0, t, noise)
-        return self.eps_loss(model(x0, xt, t, **model_kwargs), noise, weights)
+        return self.loss(model(x0, xt, self.model_time(t), **model_kwargs), x0, noise, t, weights)
 
-    @staticmethod
-    def eps_loss(eps, noise, weights):
-        """Mean over tokens of weights (N, L) times each token's squared eps error (mean over its P values)."""
-        mse = (eps.float() - noise).square().mean(dim=-1)  # (N, L)
+    def loss(self, pred, x0, noise, t, weights, weighting="none", snr_gamma=5.0):
+        """Mean over tokens of weights (N, L) times each token's squared error (mean over its P values) of the
+        prediction pred (N, L, P) against its target: eps = noise, flow's v = noise - x0. weighting "min-snr"
+        multiplies the weights by min_snr_weight(t, snr_gamma)."""
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
+        target = noise if self.objective == "eps" else noise - x0
+        if weighting == "min-snr":
+            weights = weights * self.min_snr_weight(t, snr_gamma, pred)[..., 0]  # (N, L)
+        mse = (pred.float() - target).square().mean(dim=-1)  # (N, L)
         return (mse * weights).mean()
 
     @staticmethod
-    def guide(eps, t, cfg_scale, cfg_interval):
-        """Classifier-free guidance of a doubled batch [cond; uncond] -> (N, ...): eps_u + s (eps_c - eps_u)
-        inside the interval lo <= t < hi of the full schedule (as the authors' code), the conditional one outside."""
-        eps_c, eps_u = eps.chunk(2)
+    def guide(pred, t, cfg_scale, cfg_interval):
+        """Classifier-free guidance of a doubled batch [cond; uncond] -> (N, ...): pred_u + s (pred_c - pred_u)
+        inside the interval lo <= t < hi of eps timesteps (as the authors' code), the conditional one outside."""
+        pred_c, pred_u = pred.chunk(2)
         lo, hi = cfg_interval
         if cfg_scale == 1 or not lo <= t < hi:
-            return eps_c
-        return eps_u + cfg_scale * (eps_c - eps_u)
+            return pred_c
+        return pred_u + cfg_scale * (pred_c - pred_u)
 
-    def step(self, x, eps, i, generator):
-        """One ancestral step from respaced index i to i - 1."""
-        c_x, c_eps, sigma = self.step_coefs[i]
-        mean = c_x * x + c_eps * eps
-        if i == 0 or sigma == 0:  # DDIM at eta = 0 draws no noise
+    def step(self, x, pred, i, generator):
+        """One ancestral (ddpm, ddim) or Euler step from index i to i - 1."""
+        c_x, c_pred, sigma = self.step_coefs[i]
+        mean = c_x * x + c_pred * pred
+        if i == 0 or sigma == 0:  # DDIM at eta = 0 and Euler draw no noise
             return mean
         return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
-    def dpm_step(self, x, eps, i, x0_prev, generator):
-        """One DPM-Solver++(2M) step (ODE or SDE) from respaced index i to i - 1 -> (x, its data prediction x0)."""
+    def dpm_step(self, x, pred, i, x0_prev, generator):
+        """One DPM-Solver++(2M) step (ODE or SDE) from index i to i - 1 -> (x, its data prediction x0)."""
         p, q, A, G, c, s = self.dpm_coefs[i]
-        x0 = p * x + q * eps
+        x0 = p * x + q * pred
         x = A * x + G * (x0 + c * (x0 - x0_prev) if c else x0)
         if s:
             x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x, x0
 
     def sample(self, eps_fn, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None):
-        """Denoise x (N, ...) from pure noise. eps_fn(x, t) -> eps, with t an int timestep of the full
-        schedule; with cfg_scale > 1 it receives the doubled batch [x; x] (cond half first)."""
+        """Denoise x (N, ...) from pure noise. eps_fn(x, t) -> the model's prediction (eps, or flow's v), with t
+        a timestep of the full schedule (flow: T t, a float); with cfg_scale > 1 it receives the doubled batch
+        [x; x] (cond half first). cfg_interval: in eps timesteps for both objectives (guide_timesteps)."""
         steps, x0 = reversed(range(len(self.timesteps))), None
         for i in (progress(steps) if progress else steps):
-            t = int(self.timesteps[i])
+            t = self.model_timesteps[i]
             if cfg_scale > 1:
-                eps = self.guide(eps_fn(torch.cat([x, x]), t), t, cfg_scale, cfg_interval)
+                pred = self.guide(eps_fn(torch.cat([x, x]), t), self.guide_timesteps[i], cfg_scale, cfg_interval)
             else:
-                eps = eps_fn(x, t)
+                pred = eps_fn(x, t)
             if self.sampler.startswith("dpm++"):
-                x, x0 = self.dpm_step(x, eps.to(x.dtype), i, x0, generator)
-            else:  # ddpm, ddim
-                x = self.step(x, eps.to(x.dtype), i, generator)
+                x, x0 = self.dpm_step(x, pred.to(x.dtype), i, x0, generator)
+            else:  # ddpm, ddim, euler
+                x = self.step(x, pred.to(x.dtype), i, generator)
         return x

@@ -22,23 +22,28 @@ from tqdm import tqdm
 import mask
 import tokenization
 from checkpoint import load_checkpoint
-from diffusion import Diffusion
+from diffusion import SAMPLERS_OF, Diffusion
 from model import patchify, unpatchify
 from vae import SCALE_FACTORS, build_vae
 
-# steps per AR step when --steps is 0: the paper's DDPM protocol, and the fast samplers' recommended counts
 ORDERS = ("random", "raster", "block_raster")  # as train.py --order (mask.token_order)
-DEFAULT_STEPS = {"ddpm": 250, "ddim": 50, "dpm++": 20, "dpm++sde": 20}
+# steps per AR step when --steps is 0, per objective: the paper's DDPM protocol, and the fast samplers' recommended
+# counts (docs/sampling.md, "Fast samplers"; flow: docs/flow.md)
+DEFAULT_STEPS = {"eps": {"ddpm": 250, "ddim": 50, "dpm++": 20, "dpm++sde": 20},
+                 "flow": {"euler": 50, "dpm++": 20, "dpm++sde": 20}}
 
 
-def make_diffusion(steps=0, sampler="ddpm", eta=0.0, spacing=""):
+def make_diffusion(steps=0, sampler="", eta=0.0, spacing="", objective="eps"):
     """The Diffusion sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
-    --sample-steps with the same others): steps 0 = the sampler's default (DEFAULT_STEPS), eta only for ddim
-    (0: deterministic), spacing "" = the sampler's default timesteps."""
+    --grid-steps with the same others) for a model of the objective (its checkpoint's): sampler "" = the
+    objective's default (eps: ddpm, flow: euler), steps 0 = the sampler's default (DEFAULT_STEPS), eta only for
+    ddim (0: deterministic), spacing "" = the sampler's default timesteps."""
     if steps < 0:
-        raise ValueError(f"--steps must be >= 1, or 0 for the sampler's default ({DEFAULT_STEPS}); got {steps}")
-    return Diffusion(steps or DEFAULT_STEPS.get(sampler, 1), sampler=sampler,
-                     eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None)
+        raise ValueError(f"--steps must be >= 1, or 0 for the sampler's default ({DEFAULT_STEPS.get(objective)}); got "
+                         f"{steps}")
+    sampler = sampler or SAMPLERS_OF.get(objective, ("",))[0]  # Diffusion names a wrong objective or sampler
+    return Diffusion(steps or DEFAULT_STEPS.get(objective, {}).get(sampler, 1), sampler=sampler,
+                     eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None, objective=objective)
 
 
 def load_model(cfg, device):

@@ -1,8 +1,8 @@
 """Sampling from CausalFusion (paper Sec. 3, 6, App. D): diffusion mode, AR mode, zero-shot editing, text-to-image
-and captioning, over the generation engine of engine.py.
+and captioning, over the generation engine of inference.py.
 
     python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --ar-steps 4 --cfg-scale 1.5 --seed 0
-    python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --sampler dpm++sde --steps 20   # a fast sampler (README)
+    python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --sampler dpm++sde --steps 20   # fast (docs/sampling.md)
     python sample.py --ckpt RUN/ckpt.pt --num-samples 50000 --cfg-scale 1.5 --out samples.npz   # FID (fid.py)
     torchrun --nproc_per_node 8 sample.py ...same options...                       # same npz, 8x faster
     python sample.py --ckpt RUN/ckpt.pt --edit photo.png --keep outer --classes 3 7  # zero-shot editing
@@ -36,19 +36,21 @@ config = dict(
     vae=None,  # sd, mar or none; default: the checkpoint's (the authors' checkpoints: mar)
     vae_ckpt=None,  # VAE weights (vae.py); "random" = random weights, for speed measurements
     num_samples=16,  # images to generate (editing: rows of edits)
-    batch_size=64,  # images per global batch; with the seed it fixes the samples (README: "Fast sampling")
+    batch_size=64,  # images per global batch; with the seed it fixes the samples (docs/sampling.md, "Batch size")
     classes=[],  # class indices or names, cycled over the samples; empty or "random": uniformly random (DiT,
       # ADM); "balanced": every class in turn (50,000 samples: 50 per class, as MAR)
     ar_steps=1,  # AR steps S: 1 = diffusion mode, L = token by token
     split="equal",  # AR step sizes: equal, or random (a uniformly random composition of L)
     order="random",  # order of the tokens over the AR steps: random (per sample), raster or block_raster
     order_block=2,  # block side (in tokens) of --order block_raster (as train.py's)
-    sampler="ddpm",  # ddpm (the paper's, ancestral), ddim, dpm++ (DPM-Solver++ 2M) or dpm++sde (its SDE form)
-    steps=0,  # sampler steps per AR step, respaced from 1000; 0 = the sampler's default (ddpm 250, the paper's)
+    sampler="",  # "" = the checkpoint objective's default; eps: ddpm (the paper's, ancestral), ddim, dpm++ (DPM-Solver++
+      # 2M) or dpm++sde (its SDE form); flow: euler (the default), dpm++ or dpm++sde (docs/flow.md)
+    steps=0,  # sampler steps per AR step (eps: respaced from 1000); 0 = the sampler's default (ddpm 250, the paper's)
     eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1 (DDPM-like)
     spacing="",  # the timesteps a fast sampler visits: uniform, trailing or logsnr ("" = the sampler's default)
     cfg_scale=1.0,  # classifier-free guidance scale s >= 1 (1 = no guidance)
-    cfg_interval=(0.0, 1000.0),  # guide only for lo <= t < hi of the 1000-step schedule (as the authors)
+    cfg_interval=(0.0, 1000.0),  # guide only for lo <= t < hi of the 1000-step schedule (as the authors); a flow
+      # time t counts as the first timestep with at most its SNR ((1 - t) / t)^2: the same region of noise
     seed=0,  # global seed
     out="",  # .npz for fid.py: arr_0 uint8 (N, H, W, 3) and labels (N,) or prompts (N,); no per-image PNGs then
     out_dir="out/samples",  # PNGs: one per image (without --out), grid.png, edit_*.png
@@ -103,7 +105,7 @@ def provenance(cfg, diffusion, dtype):
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     return dict(ckpt=os.path.basename(cfg["ckpt"]), ckpt_sha256=sha.hexdigest(), weights="ema" if cfg["ema"] else
-                "model", sampler=diffusion.sampler, steps=len(diffusion.timesteps), eta=diffusion.eta,
+                "model", objective=diffusion.objective, sampler=diffusion.sampler, steps=len(diffusion.timesteps), eta=diffusion.eta,
                 spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"], cfg_interval=list(cfg["cfg_interval"]),
                 ar_steps=cfg["ar_steps"], order=cfg["order"], split=cfg["split"], classes=cfg["classes"],
                 **({"order_block": cfg["order_block"]} if cfg["order"] == "block_raster" else {}),
@@ -227,10 +229,11 @@ def main(argv=None):
     suffix, what = (".jsonl", "a .jsonl file (captions)") if cfg["caption"] else (".npz", "an .npz file (for fid.py)")
     if cfg["out"] and not cfg["out"].endswith(suffix):  # np.savez would quietly append .npz
         raise ValueError(f"--out must name {what}, got {cfg['out']!r}")
-    diffusion = make_diffusion(cfg["steps"], cfg["sampler"], cfg["eta"], cfg["spacing"])
     with distributed(cfg["device"]) as (rank, world, device):
         dtype = autocast_dtype(cfg["dtype"], device)
         model, meta, vae, scale, tokenizer = load_model(cfg, device)
+        # the checkpoint's objective picks the samplers: a sampler of the other one is an error naming both
+        diffusion = make_diffusion(cfg["steps"], cfg["sampler"], cfg["eta"], cfg["spacing"], meta["objective"])
         prompts = read_prompts(cfg)
         if model.text_vocab and not prompts and not cfg["caption"]:
             raise ValueError(f"{cfg['ckpt']} is a text model: give --prompts / --prompts-file, or --caption SRC")

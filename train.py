@@ -1,20 +1,20 @@
 """Train CausalFusion on the latents of extract_latents.py (paper Sec. 3-5, App. B-C).
 
     python train.py                                              # the demo: built-in shapes, tiny model, CPU
-    python train.py --demo captions --flip false ...            # the captioned demo (README: its command)
+    python train.py --demo captions --flip false ...            # the captioned demo (docs/multimodal.md)
     python train.py --demo combinations --flip false ...        # its yardstick: the same images, one class each
     python train.py --data latents/in256_sd --size L --out runs/L ...               # one GPU
     torchrun --nproc_per_node=8 train.py --data latents/in256_sd --size L ...      # DDP over 8 GPUs
 
 A step: the global batch is cut into micro-batches (ranks x grad_accum); each one's draws and losses are
-training.py's (the paper's objective over the static layout [prefix | all L clean tokens | all L noisy tokens];
-captioned data trains the multimodal model of paper Sec. 6). Randomness: micro-batch m of step s draws from a
-generator seeded by (seed, s, m), and epoch e's data order from one seeded by (seed, e). So resuming needs no
-generator state to continue exactly, and 2 ranks x 1 micro-batch compute the same step as 1 rank x 2
+train_step.py's (the paper's objective, or --objective flow, over the static layout [prefix | all L clean tokens |
+all L noisy tokens]; captioned data trains the multimodal model of paper Sec. 6). Randomness: micro-batch m of step
+s draws from a generator seeded by (seed, s, m), and epoch e's data order from one seeded by (seed, e). So resuming
+needs no generator state to continue exactly, and 2 ranks x 1 micro-batch compute the same step as 1 rank x 2
 accumulated micro-batches.
 
 What a run writes into --out: train.log, metrics.jsonl (one JSON record per log line and per evaluation, the
-curves of plots.py, OUT/curves.png at each checkpoint; also to TensorBoard or W&B with --tensorboard, --wandb),
+curves of train_monitor.py, OUT/curves.png at each checkpoint; also to TensorBoard or W&B with --tensorboard, --wandb),
 checkpoints and sample grids. --eval-every N measures FID (fid.py) of EMA samples during training.
 """
 import contextlib
@@ -29,18 +29,18 @@ import torch
 import demos
 import tokenization
 from checkpoint import check_resumable, init_from, read_checkpoint, save_checkpoint
-from runtime import parse_config
 from diffusion import Diffusion
 from inference import make_diffusion, sample_latents, tokens_to_images
 from images import GRID_PIXELS, save_grid
 from latents import LatentData
 from model import CausalFusion
-from runtime import autocast, autocast_dtype, launch, seeded, step_indices
-from train_monitor import Metrics, RunLog, evaluate_fid, fid_line, fid_record, log_line, log_record, prepare_fid, read_step_stats
-from train_step import draw_micro_batch, ema_update, forward_losses
+from runtime import SEED_TRAIN_STEP, autocast, autocast_dtype, launch, parse_config, seeded, step_indices
+from train_monitor import (Metrics, RunLog, evaluate_fid, fid_line, fid_record, log_line, log_record, prepare_fid,
+                           read_step_stats)
+from train_step import StepOptions, draw_micro_batch, ema_update, forward_losses
 from vae import build_vae
 
-# The defaults are the CPU demo's (`python train.py`); the paper's recipes are commands in the README.
+# The defaults are the CPU demo's (`python train.py`); the paper's recipes are commands in docs/training.md.
 config = dict(
     data="",  # extraction dir of extract_latents.py; "" = the demo: build the shapes data set under OUT/data
     out="out/demo",  # run dir: ckpt.pt (latest), ckpt_<step>.pt, train.log, samples_<step>.png
@@ -67,6 +67,14 @@ config = dict(
     noisy_copies=1,  # K noisy copies per image at K timesteps sharing its clean tokens (Table 7's K x t rows)
     class_dropout=0.1,  # probability of the null class, for classifier-free guidance
     flip=True,  # random horizontal flips (paper); false for captions that name left and right
+    # the objective (diffusion.py; docs/flow.md): the paper's is eps, uniform, none
+    objective="eps",  # eps: the paper's eps-prediction on the 1000-step linear schedule; flow: flow matching,
+      # x_t = (1 - t) x0 + t eps, velocity v = eps - x0 (recorded in the checkpoint: the samplers follow it)
+    timestep_sampling="uniform",  # training's timesteps: uniform, or logit-normal (SD3's; eps: floor(1000 t))
+    logit_mean=0.0,  # --timestep-sampling logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std^2)
+    logit_std=1.0,  # its standard deviation
+    loss_weighting="none",  # none, or min-snr: the AR loss weights times min-SNR-gamma weights (Hang et al. 2023)
+    snr_gamma=5.0,  # --loss-weighting min-snr: its gamma
     # multimodal model (paper Sec. 6, Table 11): trained when --data holds captions (metadata.jsonl)
     tokenizer="",  # "" = byte-level UTF-8; PATH = LLaMA-3's tokenizer.model (needs `pip install tiktoken`)
     learn_tokenizer=0,  # > 0: instead, a byte-level BPE of <= this many ids learned from the captions (needs
@@ -94,7 +102,8 @@ config = dict(
     grid_classes=10,  # rows of the grid: classes evenly spaced over all classes (text: captions); 0 = no grid
     grid_per_class=10,  # columns of the grid
     grid_steps=100,  # sampler steps per AR step of the grids and the demos' scores (0 = the sampler's default)
-    grid_sampler="ddpm",  # their sampler: ddpm (the paper's), ddim, dpm++ or dpm++sde (as sample.py --sampler)
+    grid_sampler="",  # their sampler, as sample.py --sampler ("" = the objective's default: eps ddpm, the paper's;
+      # flow euler)
     eta=0.0,  # a ddim sampler's noise (grids and --eval-every), 0 (deterministic) to 1
     spacing="",  # the timesteps the fast samplers visit: uniform, trailing or logsnr ("" = the sampler's default)
     cfg_scale=5.0,  # classifier-free guidance scale of those samples (1 = none)
@@ -106,7 +115,7 @@ config = dict(
     eval_samples=10000,  # samples per FID (paper's ablations: FID-10K); classes balanced (index mod classes), text:
       # the first captions of evenly spaced training images, cycled; fixed seed (--seed), CFG --cfg-scale
     eval_batch_size=64,  # images per sampling batch (with the seed it fixes the samples) and per Inception batch
-    eval_sampler="dpm++sde",  # the sampler of those samples (--eta and --spacing as the grid's)
+    eval_sampler="dpm++sde",  # the sampler of those samples (--eta and --spacing as the grid's; either objective)
     eval_steps=0,  # its steps per AR step (0 = its default, inference.DEFAULT_STEPS: 20 for dpm++sde)
     fid_weights="",  # the FID Inception weights (fid.py --weights); "" = the torch hub checkpoints directory
     # loggers beside OUT/metrics.jsonl (optional packages); a resumed run continues the same curves
@@ -156,8 +165,10 @@ def open_train_data(cfg, rank):
 
 
 def check_train_options(cfg, world, device):
-    """Raise a ValueError naming the option for a combination training cannot run; returns the autocast dtype."""
+    """Raise a ValueError naming the option for a combination training cannot run; returns the autocast dtype and
+    the step's options."""
     dtype = autocast_dtype(cfg["dtype"], device)
+    options = StepOptions.from_config(cfg)  # checks the timestep sampling and the loss weighting
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise ValueError(f"need --batch-size ({cfg['batch_size']}) divisible by ranks x --grad-accum ({world} x "
                          f"{cfg['grad_accum']})")
@@ -168,7 +179,7 @@ def check_train_options(cfg, world, device):
     if cfg["noisy_copies"] < 1 or (cfg["time_token"] and (cfg["per_step_t"] or cfg["noisy_copies"] > 1)):
         raise ValueError(f"--noisy-copies must be >= 1 (got {cfg['noisy_copies']}), and --time-token (one timestep "
                          f"per image) goes with neither --per-step-t nor --noisy-copies > 1")
-    return dtype
+    return dtype, options
 
 
 def build_model(cfg, data, tokenizer, device):
@@ -211,7 +222,8 @@ def save_sample_grid(ema, cfg, data, tokenizer, vae, diffusion, autocast, path):
 
 def train(cfg, rank, world, device):
     out, micro = cfg["out"], world * cfg["grad_accum"]
-    dtype = check_train_options(cfg, world, device)
+    dtype, options = check_train_options(cfg, world, device)
+    diffusion = Diffusion(objective=cfg["objective"])  # training's: the 1000-step schedule, or flow's t in [0, 1]
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -231,7 +243,7 @@ def train(cfg, rank, world, device):
         if not os.path.exists(ckpt_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         ckpt = read_checkpoint(ckpt_path)
-        check_resumable(ckpt, ckpt_path, model.config, data_info, tokenizer)
+        check_resumable(ckpt, ckpt_path, model.config, data_info, tokenizer, cfg["objective"])
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -254,8 +266,8 @@ def train(cfg, rank, world, device):
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
     amp = autocast(dtype, device)
-    diffusion = Diffusion()  # training's: the 1000-step schedule
-    grid_sampler = make_diffusion(cfg["grid_steps"], cfg["grid_sampler"], cfg["eta"], cfg["spacing"])
+    grid_sampler = make_diffusion(cfg["grid_steps"], cfg["grid_sampler"], cfg["eta"], cfg["spacing"],
+                                  cfg["objective"])
     L, micro_size = model.num_tokens, cfg["batch_size"] // micro
     log(f"config: {json.dumps(cfg)}")
     what = (f"{len(data)} images with {sum(map(len, data.captions))} captions ({tokenizer.kind} tokenizer, "
@@ -281,14 +293,15 @@ def train(cfg, rank, world, device):
         for a in range(cfg["grad_accum"]):
             m = rank * cfg["grad_accum"] + a  # this micro-batch's place in the global batch
             batch = draw_micro_batch(data, model, indices[m * micro_size:(m + 1) * micro_size],
-                                     seeded(cfg["seed"], 1, step, m), cfg, diffusion.num_timesteps, tokenizer)
+                                     seeded(cfg["seed"], SEED_TRAIN_STEP, step, m), options=options, diffusion=diffusion,
+                                     tokenizer=tokenizer)
             captions[0] += batch.pop("truncated", 0)
             captions[1] += micro_size if tokenizer else 0
             b = {k: (x.pin_memory() if pin else x).to(device, non_blocking=True) for k, x in batch.items()}
             last = a == cfg["grad_accum"] - 1
             with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
                 with amp:
-                    loss, image_loss, text_sum, text_count = forward_losses(train_model, model, diffusion, b, cfg)
+                    loss, image_loss, text_sum, text_count = forward_losses(train_model, model, diffusion, b, options)
                 (loss / cfg["grad_accum"]).backward()
             sums += torch.stack([image_loss.detach(), zero if text_sum is None else text_sum.detach(),
                                  zero if text_count is None else text_count.float()])

@@ -167,7 +167,7 @@ def prepare_fid(cfg, rank, device):
         raise ValueError(f"--eval-every needs --eval-ref (an ADM .npz, or a fid.py --save-stats file), --eval-samples "
                          f">= 2 and --eval-batch-size >= 1; got {path!r}, {cfg['eval_samples']}, "
                          f"{cfg['eval_batch_size']}")
-    sampler = make_diffusion(cfg["eval_steps"], cfg["eval_sampler"], cfg["eta"], cfg["spacing"])
+    sampler = make_diffusion(cfg["eval_steps"], cfg["eval_sampler"], cfg["eta"], cfg["spacing"], cfg["objective"])
     ref = fid.read_stats(path)  # raises fid.InputError (a ValueError) naming the file
     if "mu" not in ref:
         fid.read_images(path, 1)  # no statistics: then it must hold arr_0 images

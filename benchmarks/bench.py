@@ -41,7 +41,7 @@ from inference import make_diffusion, sample_batch, sample_images
 from fid import frechet_distance
 from model import CausalFusion
 from runtime import autocast, autocast_dtype
-from train_step import ema_update, forward_losses
+from train_step import StepOptions, ema_update, forward_losses
 from vae import build_vae
 
 config = dict(
@@ -67,15 +67,19 @@ config = dict(
     text_len=35,  # --what text: text tokens in place of the class tokens (paper: 35)
     text_vocab=128256,  # --what text: text vocabulary (LLaMA-3: 128256; the byte tokenizer: 258)
     ckpt="",  # --what quality: a checkpoint of the class demo (python train.py)
-    quality_runs=("ddpm:250", "ddpm:50", "ddpm:20", "ddim:50", "ddim:20", "ddim:10", "ddim:20:eta=1", "ddim:10:eta=1",
-                  "dpm++:20", "dpm++:10", "dpm++:5", "dpm++sde:20", "dpm++sde:10", "dpm++sde:5"),  # NAME:STEPS[:eta=E]
-      # [:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing)
+    quality_runs=(),  # NAME:STEPS[:eta=E][:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing); empty =
+      # QUALITY_RUNS of the checkpoint's objective
     quality_ar_steps=(1, 4),  # --what quality: AR steps S of each run
     quality_samples=500,  # --what quality: samples per run and seed, the classes in turn
     quality_seeds=3,  # --what quality: seeds per run (the spread is over them)
     quality_cfg=5.0,  # --what quality: CFG scale (the demo's)
     quality_real=5000,  # --what quality: fresh real images of the reference set
 )
+# --what quality's runs per objective
+QUALITY_RUNS = {"eps": ("ddpm:250", "ddpm:50", "ddpm:20", "ddim:50", "ddim:20", "ddim:10", "ddim:20:eta=1",
+                        "ddim:10:eta=1", "dpm++:20", "dpm++:10", "dpm++:5", "dpm++sde:20", "dpm++sde:10", "dpm++sde:5"),
+                "flow": ("euler:250", "euler:50", "euler:20", "euler:10", "dpm++:50", "dpm++:20", "dpm++:10", "dpm++:5",
+                         "dpm++sde:50", "dpm++sde:20", "dpm++sde:10")}
 
 
 def timed_rounds(fns, repeats, device):
@@ -129,8 +133,7 @@ def bench_text(cfg, device, amp):
     next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
     g = torch.Generator().manual_seed(cfg["seed"])
     n, diffusion, fns = cfg["batch_size"], Diffusion(), {}
-    run_cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.01,
-                   noisy_copies=1)
+    step_options = StepOptions()  # train.py's defaults: the paper's recipe
     for name, options in (("class", {}), ("text", dict(text_vocab=cfg["text_vocab"], text_len=cfg["text_len"]))):
         model = build_model(cfg, device, **options)
         ema = copy.deepcopy(model).requires_grad_(False)
@@ -150,7 +153,7 @@ def bench_text(cfg, device, amp):
 
         def step(model=model, train_model=train_model, ema=ema, params=params, optimizer=optimizer, b=b):
             with amp:
-                loss = forward_losses(train_model, model, diffusion, b, run_cfg)[0]
+                loss = forward_losses(train_model, model, diffusion, b, step_options)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -207,11 +210,12 @@ def bench_train(cfg, device, amp):
     return results
 
 
-def parse_sampler(spec, option):
-    """NAME:STEPS[:eta=E][:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing) -> its sampler."""
+def parse_sampler(spec, option, objective="eps"):
+    """NAME:STEPS[:eta=E][:spacing=S] (sample.py's --sampler, --steps, --eta, --spacing) -> its sampler for a model
+    of the objective."""
     name, _, rest = spec.partition(":")
     steps, *extras = rest.split(":")
-    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1)  # -1: make_diffusion's error
+    options = dict(sampler=name, steps=int(steps) if steps.isdigit() else -1, objective=objective)  # -1: its error
     for item in extras:
         key, _, value = item.partition("=")
         if key not in ("eta", "spacing"):
@@ -253,6 +257,7 @@ def bench_quality(cfg, device, dtype):
     if not cfg["ckpt"]:
         raise ValueError("--what quality needs --ckpt: a checkpoint of the class demo (python train.py)")
     model, meta = load_checkpoint(cfg["ckpt"])
+    runs = cfg["quality_runs"] or QUALITY_RUNS[meta["objective"]]
     if meta["vae"] != "none" or meta["num_classes"] != len(demos.SHAPES):
         raise ValueError(f"--ckpt {cfg['ckpt']}: --what quality scores the class demo's pixels; train it with "
                          f"python train.py")
@@ -265,8 +270,8 @@ def bench_quality(cfg, device, dtype):
     floor = [fd(demos.draw_shapes(n // 10, size, seed=20_000 + s)[0]) for s in seeds]
     print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}")
     results, vae = {}, build_vae("none")
-    for spec in cfg["quality_runs"]:
-        diffusion = parse_sampler(spec, "--quality-runs")
+    for spec in runs:
+        diffusion = parse_sampler(spec, "--quality-runs", meta["objective"])
         for S in cfg["quality_ar_steps"]:
             scores, accs, seconds = [], [], []
             for seed in seeds:

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 import tokenization
-from diffusion import SAMPLERS
+from diffusion import SAMPLERS_OF
 from images import center_crop
 from inference import (DEFAULT_STEPS, caption_images, check_sampling_options, class_labels, edit_tokens,
                        encode_images, load_model, make_diffusion, region_masks, sample_batch, snap_mask,
@@ -70,7 +70,7 @@ config = dict(
 )
 
 # the request fields that are sample.py options, with sample.py's defaults (tests/test_editor.py compares them)
-SAMPLING_DEFAULTS = dict(seed=0, sampler="ddpm", steps=0, cfg_scale=1.0, ar_steps=1, eta=0.0, spacing="",
+SAMPLING_DEFAULTS = dict(seed=0, sampler="", steps=0, cfg_scale=1.0, ar_steps=1, eta=0.0, spacing="",
                          cfg_interval=(0.0, 1000.0), split="equal", order="random", order_block=2)
 CAPTION_DEFAULTS = dict(temperature=0.0, top_k=0, seed=0)  # sample.py --caption's
 SHOWN_ALWAYS = ("sampler", "steps", "cfg_scale", "ar_steps")  # in every answer's command; the others when set
@@ -181,6 +181,9 @@ class Editor:
         self.model, self.meta, self.vae, self.scale, self.tokenizer = load_model(cfg, device)
         self.size, self.grid = self.meta["image_size"], self.model.grid_size
         self.text = bool(self.model.text_vocab)
+        # the checkpoint's objective picks the samplers, as in sample.py; "" = its default (eps: ddpm, flow: euler)
+        self.objective = self.meta["objective"]
+        self.defaults = dict(SAMPLING_DEFAULTS, sampler=SAMPLERS_OF[self.objective][0])
         self.class_names = self.meta.get("class_names") or [str(k) for k in range(self.model.num_classes)]
         self.model_lock, self.progress = threading.Lock(), Progress()
 
@@ -202,11 +205,11 @@ class Editor:
     # -------------------------------------------------------------------------------------- requests
     def info(self):
         regions = region_masks(self.grid)
-        return dict(image_size=self.size, classes=self.class_names, text=self.text, samplers=list(SAMPLERS),
+        return dict(image_size=self.size, classes=self.class_names, text=self.text, samplers=list(SAMPLERS_OF[self.objective]),
                     grid=self.grid, token_pixels=self.size // self.grid, num_tokens=self.model.num_tokens,
                     text_tokens=self.model.num_prefix_tokens if self.text else 0,
                     regions={name: regions[kind].flatten().int().tolist() for name, kind in REGIONS.items()},
-                    defaults=dict(SAMPLING_DEFAULTS), default_steps=DEFAULT_STEPS, max_steps=MAX_STEPS,
+                    defaults=dict(self.defaults), default_steps=DEFAULT_STEPS[self.objective], max_steps=MAX_STEPS,
                     ckpt=self.cfg["ckpt"], vae=self.cfg["vae"] or self.meta["vae"], device=str(self.device),
                     dtype=self.dtype)
 
@@ -316,15 +319,16 @@ class Editor:
 
     def sampling(self, fields, classes, num_tokens):
         """(seed, Diffusion, sample_batch's options) of the request's sample.py fields."""
-        got = {k: typed(fields, k, v) for k, v in SAMPLING_DEFAULTS.items()}
+        got = {k: typed(fields, k, v) for k, v in self.defaults.items()}
         if not 0 <= got["seed"] <= MAX_SEED:
             raise RequestError(f"seed: expected an integer in 0..{MAX_SEED}, got {got['seed']}")
         if not 0 <= got["steps"] <= MAX_STEPS:
             raise RequestError(f"steps: expected sampler steps per AR step in 1..{MAX_STEPS}, or 0 for the "
-                               f"sampler's default ({DEFAULT_STEPS}); got {got['steps']}")
+                               f"sampler's default ({DEFAULT_STEPS[self.objective]}); got {got['steps']}")
         options = {k: got[k] for k in ("ar_steps", "split", "order", "order_block", "cfg_scale", "cfg_interval")}
         try:
-            diffusion = make_diffusion(got["steps"], got["sampler"], got["eta"], got["spacing"])
+            diffusion = make_diffusion(got["steps"], got["sampler"] or self.defaults["sampler"], got["eta"], got["spacing"],
+                                       self.objective)
             check_sampling_options(self.model, classes=classes, num_tokens=num_tokens, **options)
         except ValueError as e:
             raise RequestError(option_to_field(str(e))) from None
@@ -344,8 +348,10 @@ class Editor:
         args += ["--edit", "ORIGINAL.png", "--keep", "KEEP.png"] if edit else []
         args += ["--prompts", answer["prompt"]] if "prompt" in answer else ["--classes", str(answer["class"])]
         args += ["--seed", str(typed(fields, "seed", 0)), "--num-samples", "1"]
-        for key, default in SAMPLING_DEFAULTS.items():
+        for key, default in self.defaults.items():
             value = typed(fields, key, default)
+            if key == "sampler":
+                value = value or default  # "" = the objective's default, named in the command
             if key != "seed" and (key in SHOWN_ALWAYS or value != default):
                 args += ["--" + key.replace("_", "-"), *map(str, value if isinstance(value, tuple) else [value])]
         return shlex.join(args)

@@ -289,3 +289,244 @@ def test_determinism_and_ddpm_untouched():
     assert d.step_coefs == ddpm.step_coefs and torch.equal(d.timesteps, ddpm.timesteps)
     assert torch.equal(d.sample(eps_fn, x, torch.Generator().manual_seed(1)),
                        ddpm.sample(eps_fn, x, torch.Generator().manual_seed(1)))
+
+
+# ------------------------------------------------------------------------------------------ flow matching
+def gaussian_velocity(x, t):
+    """The exact E[eps - x0 | x_t] of N(MU, S^2) data on the flow path x_t = (1 - t) x0 + t eps (t in (0, 1]):
+    x_t ~ N((1 - t) MU, V), V = (1 - t)^2 S^2 + t^2, Cov(x_t, x0) = (1 - t) S^2, Cov(x_t, eps) = t."""
+    var = (1 - t) ** 2 * S * S + t * t
+    return (t - (1 - t) * S * S) / var * (x - (1 - t) * MU) - MU
+
+
+def flow_ode(x_start, t_start, t):
+    """The flow ODE's solution for that data: it maps the standardized variable identically."""
+    std = lambda u: math.sqrt((1 - u) ** 2 * S * S + u * u)
+    return (1 - t) * MU + std(t) / std(t_start) * (x_start - (1 - t_start) * MU)
+
+
+def test_flow_gaussian_velocity_and_ode_solution():
+    """The two closed forms the flow samplers are tested against: the velocity is the least-squares regression of
+    eps - x0 on x_t (drawn from the path), and the ODE's solution moves along it (dx/dt = v, by finite
+    differences)."""
+    g = torch.Generator().manual_seed(0)
+    x0 = MU + S * torch.randn(400000, dtype=torch.float64, generator=g)
+    eps = torch.randn(400000, dtype=torch.float64, generator=g)
+    for t in (0.1, 0.5, 0.9):
+        xt = (1 - t) * x0 + t * eps
+        design = torch.stack([xt, torch.ones_like(xt)], 1)
+        slope, intercept = torch.linalg.lstsq(design, (eps - x0)[:, None]).solution[:, 0].tolist()
+        exact_slope = gaussian_velocity(1.0, t) - gaussian_velocity(0.0, t)
+        assert abs(slope - exact_slope) < 0.01 and abs(intercept - gaussian_velocity(0.0, t)) < 0.01, t
+        x = torch.linspace(-2, 2, 9, dtype=torch.float64)
+        dt = 1e-6
+        dxdt = (flow_ode(x, 1.0, t + dt) - flow_ode(x, 1.0, t - dt)) / (2 * dt)
+        assert torch.allclose(dxdt, gaussian_velocity(flow_ode(x, 1.0, t), t), atol=1e-6), t
+
+
+def wobbly_velocity(x, t):
+    """A deterministic, nonlinear velocity of x and the model's timestep t = 1000 s."""
+    return gaussian_velocity(x, t / 1000) + 0.1 * torch.sin(3 * x + t / 100)
+
+
+def run_flow_diffusers(sched, v_fn, x, sigmas, seed=None):
+    """A diffusers flow scheduler given our times as its sigmas (ending on 0) -> (states with the model's t, out)."""
+    seen, gen = [], None if seed is None else torch.Generator().manual_seed(seed)
+    for t in sched.timesteps.tolist():
+        sigma = float(sigmas[len(seen)])
+        seen.append((x, 1000 * sigma))
+        x = sched.step(v_fn(x, 1000 * sigma), t, x, generator=gen).prev_sample
+    return seen, x
+
+
+def assert_same_flow_run(ours, theirs, tol):
+    (seen, out), (seen_ref, out_ref) = ours, theirs
+    assert len(seen) == len(seen_ref)
+    for (x, t), (y, t_ref) in zip(seen, seen_ref):
+        assert abs(t - t_ref) < 1e-3, (t, t_ref)
+    for x, y in zip([x for x, _ in seen] + [out], [y for y, _ in seen_ref] + [out_ref]):
+        err = (x - y).abs().max().item()
+        assert err <= tol * max(1.0, y.abs().max().item()), err
+
+
+def test_flow_euler_matches_diffusers():
+    """FlowMatchEulerDiscreteScheduler (shift 1) given our times t = N/N .. 1/N as its sigmas: the same timesteps
+    handed to the model (1000 t) and the same states at every step and at the end (float32: 1e-5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    for n in (1, 2, 7, 30):
+        d = Diffusion(n, objective="flow")
+        assert d.sampler == "euler" and d.timesteps.tolist() == [i / n for i in range(1, n + 1)]
+        sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+        sigmas = d.timesteps.flip(0).tolist()
+        sched.set_timesteps(sigmas=sigmas)
+        assert torch.allclose(sched.timesteps, torch.tensor(d.model_timesteps[::-1], dtype=torch.float32))
+        assert_same_flow_run(run(d, wobbly_velocity, x), run_flow_diffusers(sched, wobbly_velocity, x, sigmas), 1e-5)
+
+
+def test_flow_dpm_solver_pp_matches_diffusers():
+    """DPM-Solver++(2M) and its SDE form along alpha = 1 - t, sigma = t: diffusers' DPMSolverMultistepScheduler with
+    use_flow_sigmas and prediction_type "flow_prediction", its sigmas replaced by ours (1 .. 1/N, then 0); the first
+    step from alpha = 0 (log-SNR -inf) is exact first order on both sides. The SDE's noise: one seed, as for eps."""
+    from diffusers import DPMSolverMultistepScheduler
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    for sampler, algorithm in (("dpm++", "dpmsolver++"), ("dpm++sde", "sde-dpmsolver++")):
+        for n in (2, 3, 10, 40):
+            d = Diffusion(n, sampler=sampler, objective="flow")
+            sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type=algorithm, solver_order=2,
+                                                lower_order_final=True, use_flow_sigmas=True,
+                                                prediction_type="flow_prediction")
+            sched.set_timesteps(n)
+            sigmas = d.timesteps.flip(0).tolist()
+            sched.sigmas = torch.tensor(sigmas + [0.0], dtype=torch.float32)
+            sched.timesteps = torch.tensor([round(1000 * s) for s in sigmas])
+            seed = 3 if sampler == "dpm++sde" else None
+            assert_same_flow_run(run(d, wobbly_velocity, x, seed), run_flow_diffusers(sched, wobbly_velocity, x, sigmas,
+                                                                                       seed), 1e-5)
+
+
+def flow_convergence_slope(sampler, ns=(20, 40, 80, 160)):
+    """Fitted slope of log error vs log N of the output against the ODE's solution at t = 0, exact velocity of
+    Gaussian data, float64."""
+    x = torch.randn(512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    errors = []
+    for n in ns:
+        d = Diffusion(n, sampler=sampler, objective="flow")
+        seen, out = run(d, lambda x, t: gaussian_velocity(x, t / 1000), x)
+        assert seen[0][1] == 1000.0 and torch.equal(seen[0][0], x)
+        errors.append((out - flow_ode(x, 1.0, 0.0)).abs().max().item())
+    logn, loge = torch.tensor(ns, dtype=torch.float64).log(), -torch.tensor(errors).log()
+    slope = ((logn - logn.mean()) * (loge - loge.mean())).sum() / (logn - logn.mean()).square().sum()
+    return slope.item(), errors
+
+
+def test_flow_euler_first_order_dpm_solver_second_order():
+    # DPM-Solver++ steps in log-SNR, and t = i / N puts long log-SNR steps at both ends (into t = 0, and out of
+    # t = 1, where it is -inf): its order shows from N = 80 on (1.51 over N = 20..160, 1.78 over 80..640)
+    slope, errors = flow_convergence_slope("euler")
+    assert 0.8 < slope < 1.3, (slope, errors)
+    slope, errors = flow_convergence_slope("dpm++", ns=(80, 160, 320, 640))
+    assert 1.7 < slope < 2.5, (slope, errors)
+
+
+def test_flow_sde_samples_the_data():
+    """SDE-DPM-Solver++(2M) along the flow path with the exact velocity: the samples' mean and std (sampling error
+    of the std 0.0025)."""
+    x = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    d = Diffusion(50, sampler="dpm++sde", objective="flow")
+    out = d.sample(lambda x, t: gaussian_velocity(x, t / 1000), x, torch.Generator().manual_seed(2))
+    assert abs(out.mean() - MU) < 0.01 and abs(out.std() - S) < 0.01, (out.mean(), out.std())
+
+
+def test_flow_loss_and_min_snr_weights_brute_force():
+    """q_sample, the loss and its min-SNR weights of both objectives against a loop over tokens written from the
+    formulas (eps: x_t = sqrt(a) x0 + sqrt(1 - a) eps, target eps, weight min(SNR, 5) / SNR with SNR = a / (1 - a);
+    flow: x_t = (1 - t) x0 + t eps, target eps - x0, weight min(SNR, 5) t^2 with SNR = ((1 - t) / t)^2), t per
+    example and per token; and the derivation: the weighted loss is min(SNR, 5) times the squared error of the x0
+    the prediction implies."""
+    g = torch.Generator().manual_seed(0)
+    n, L, P = 3, 4, 5
+    x0, noise, pred = (torch.randn(n, L, P, generator=g) for _ in range(3))
+    weights = torch.rand(n, L, generator=g) + 0.5
+    acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).tolist()
+    for objective in ("eps", "flow"):
+        d = Diffusion(objective=objective)
+        for shape in ((n,), (n, L)):
+            t = torch.randint(0, 1000, shape, generator=g) if objective == "eps" else torch.rand(shape, generator=g)
+            t[0] = 999 if objective == "eps" else 1.0  # the noisiest end too
+            xt, expected, x0_form = d.q_sample(x0, t, noise), [0.0, 0.0], 0.0
+            for i in range(n):
+                for j in range(L):
+                    u = float(t[i] if t.dim() == 1 else t[i, j])
+                    if objective == "eps":
+                        a = acp[int(u)]
+                        x = math.sqrt(a) * x0[i, j] + math.sqrt(1 - a) * noise[i, j]
+                        target, snr = noise[i, j], a / (1 - a)
+                        w, x0_hat = min(snr, 5) / snr, (x - math.sqrt(1 - a) * pred[i, j]) / math.sqrt(a)
+                    else:
+                        x = (1 - u) * x0[i, j] + u * noise[i, j]
+                        target, snr = noise[i, j] - x0[i, j], ((1 - u) / u) ** 2
+                        w, x0_hat = min(snr, 5) * u * u, x - u * pred[i, j]
+                    assert torch.allclose(xt[i, j], x.float(), atol=1e-6)
+                    mse = (pred[i, j] - target).square().mean().item()
+                    expected[0] += weights[i, j].item() * mse / (n * L)
+                    expected[1] += weights[i, j].item() * w * mse / (n * L)
+                    x0_form += weights[i, j].item() * min(snr, 5) * (x0_hat - x0[i, j]).square().mean().item() / (n * L)
+            plain = d.loss(pred, x0, noise, t, weights)
+            weighted = d.loss(pred, x0, noise, t, weights, "min-snr", 5.0)
+            assert math.isclose(plain.item(), expected[0], rel_tol=1e-5), (objective, shape)
+            assert math.isclose(weighted.item(), expected[1], rel_tol=1e-4), (objective, shape, weighted, expected)
+            assert math.isclose(weighted.item(), x0_form, rel_tol=1e-3), (objective, shape, weighted, x0_form)
+
+
+def test_timestep_draws():
+    """uniform eps draws are the paper's randint (the same stream); logit-normal draws follow their distribution:
+    flow's logit(t) ~ N(m, s^2) (Kolmogorov-Smirnov), eps's floor(1000 t) per bin of 100 timesteps (chi-square),
+    fixed seeds."""
+    from scipy import stats
+    eps, flow = Diffusion(), Diffusion(objective="flow")
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(eps.draw_timesteps((6, 2), g1), torch.randint(0, 1000, (6, 2), generator=g2))
+    u = flow.draw_timesteps((20000,), torch.Generator().manual_seed(5))
+    assert u.dtype == torch.float32 and 0 <= u.min() and u.max() < 1
+    assert stats.kstest(u.numpy(), "uniform").pvalue > 0.01
+    for m, s in ((0.0, 1.0), (0.5, 0.7)):
+        t = flow.draw_timesteps((20000,), torch.Generator().manual_seed(6), "logit-normal", m, s).double()
+        assert stats.kstest(torch.logit(t).numpy(), "norm", args=(m, s)).pvalue > 0.01, (m, s)
+        assert stats.kstest(torch.logit(t).numpy(), "norm", args=(m + 0.05, s)).pvalue < 0.01  # it can fail
+        k = eps.draw_timesteps((20000,), torch.Generator().manual_seed(7), "logit-normal", m, s)
+        assert k.dtype == torch.long and 0 <= k.min() and k.max() <= 999
+        edges = torch.linspace(0, 1, 11, dtype=torch.float64)
+        cdf = stats.norm.cdf((torch.logit(edges).numpy() - m) / s)
+        observed = torch.bincount(k // 100, minlength=10).numpy()
+        assert stats.chisquare(observed, 20000 * (cdf[1:] - cdf[:-1])).pvalue > 0.01, (m, s, observed)
+    try:
+        flow.draw_timesteps((2,), torch.Generator(), "lognorm")
+        raise AssertionError("an unknown timestep sampling was accepted")
+    except ValueError as e:
+        assert "--timestep-sampling" in str(e) and "logit-normal" in str(e), e
+
+
+def test_flow_cfg_interval_is_the_same_noise():
+    """A flow time's eps timestep is the first of the 1000-step schedule with at most its SNR (brute force), and
+    guidance runs exactly at the visited times whose eps timestep is in [lo, hi)."""
+    d = Diffusion(16, sampler="dpm++", objective="flow")
+    acp = d.full_alphas_cumprod.tolist()
+    for t, k in zip(d.timesteps.tolist(), d.guide_timesteps):
+        snr = ((1 - t) / t) ** 2
+        first = next((i for i in range(1000) if acp[i] / (1 - acp[i]) <= snr), 999)
+        assert k == first, (t, k, first)
+    assert d.guide_timesteps[-1] == 999 and len(set(d.guide_timesteps)) == 16
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    cond = lambda x, t: torch.tanh(x) * (1 + t / 1000)
+    uncond = lambda x, t: 0.3 * x - t / 2000
+
+    def pair(x, t):
+        return torch.cat([cond(x[:3], t), uncond(x[3:], t)])
+    eps_step = dict(zip(d.model_timesteps, d.guide_timesteps))
+    for lo, hi in ((300, 700), (0, 1000), (0, 10)):
+        by_hand = lambda x, t: uncond(x, t) + 3.0 * (cond(x, t) - uncond(x, t)) if lo <= eps_step[t] < hi else cond(x, t)
+        guided = d.sample(pair, x, None, cfg_scale=3.0, cfg_interval=(lo, hi))
+        assert torch.allclose(guided, d.sample(by_hand, x, None), atol=1e-6), (lo, hi)
+    assert torch.equal(guided, d.sample(cond, x, None))  # (0, 10) holds none of them
+
+
+def test_flow_errors_name_both():
+    for kwargs, words in ((dict(objective="x0"), ("--objective", "eps", "flow")),
+                          (dict(objective="flow", sampler="ddpm"), ("--sampler", "ddpm", "flow", "eps", "euler")),
+                          (dict(objective="eps", sampler="euler"), ("--sampler", "euler", "flow", "eps", "ddpm")),
+                          (dict(objective="flow", sampler="ddim"), ("--sampler", "ddim", "flow")),
+                          (dict(objective="flow", spacing="trailing"), ("--spacing", "flow", "uniform")),
+                          (dict(objective="flow", sampler="euler", eta=0.5), ("--eta", "euler"))):
+        try:
+            Diffusion(10, **kwargs)
+        except ValueError as e:
+            assert all(w in str(e) for w in words), (kwargs, e)
+        else:
+            raise AssertionError(f"{kwargs} was accepted")
+    try:
+        Diffusion(objective="flow").loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1),
+                                         torch.zeros(1), torch.ones(1, 1), "snr")
+        raise AssertionError("an unknown loss weighting was accepted")
+    except ValueError as e:
+        assert "--loss-weighting" in str(e) and "min-snr" in str(e), e

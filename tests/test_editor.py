@@ -30,7 +30,7 @@ import inference
 import sample
 from editor import app
 from test_core import _authors_state_dict
-from test_sample import ROOT, TMP, overfit_model, text_model
+from test_sample import ROOT, TMP, overfit_model, random_model, save_ckpt, text_model
 
 MAX_REQUEST_MB = 0.05  # the test servers refuse bodies over 50 KiB: the tiny images fit, the size test does not
 
@@ -172,6 +172,25 @@ def test_editor_answers_equal_sample_py():
         assert answer["class"] == expected_class, answer["class"]
         run_command(answer["command"], out)
         assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))
+
+
+def test_editor_flow_model_uses_its_samplers():
+    # a flow checkpoint: the page offers the flow samplers, a plain request uses euler (sample.py's default for
+    # it) and says so in its command, which computes the same image; an eps sampler is a 400 naming both
+    model, _ = random_model()
+    path = save_ckpt(model, os.path.join(TMP.name, "flow_editor.pt"), config=dict(objective="flow"))
+    httpd = server(path)
+    info = ok(httpd, "/api/info")
+    assert info["samplers"] == ["euler", "dpm++", "dpm++sde"] and info["defaults"]["sampler"] == "euler"
+    assert info["default_steps"] == inference.DEFAULT_STEPS["flow"]
+    out = tempfile.mkdtemp(dir=TMP.name)
+    for body in ({"class": 1, "seed": 2, "steps": 4, "cfg_scale": 2.0}, {"seed": 3, "sampler": "dpm++", "steps": 4}):
+        answer = ok(httpd, "/api/generate", body)
+        assert f"--sampler {body.get('sampler', 'euler')} --steps 4" in answer["command"], answer["command"]
+        run_command(answer["command"], out)
+        assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))
+    status, answer = request(httpd, "POST", "/api/generate", {"sampler": "ddpm"})
+    assert status == 400 and "ddpm" in answer["error"] and "flow" in answer["error"], answer
 
 
 def test_editor_text_model_prompts_and_captions():

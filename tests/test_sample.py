@@ -39,12 +39,12 @@ def templates():
     return t
 
 
-def save_ckpt(model, path):
-    """A checkpoint in train.py's layout (pixel space: --vae none)."""
+def save_ckpt(model, path, config=None):
+    """A checkpoint in train.py's layout (pixel space: --vae none); config: train.py's options (none: eps)."""
     sd = model.state_dict()
     data = dict(vae="none", scale_factor=1.0, latent_shape=[3, 8, 8], image_size=8, num_classes=4,
                 class_names=["red", "blue", "top", "left"])
-    torch.save(dict(model=sd, ema=sd, step=0, config={}, model_config=model.config, data=data), path)
+    torch.save(dict(model=sd, ema=sd, step=0, config=config or {}, model_config=model.config, data=data), path)
     return path
 
 
@@ -190,6 +190,52 @@ def test_fast_samplers_ar_mode_match_full_recompute():
         kw = dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700))
         got = inference.sample_batch(model, diffusion, labels, 9, **kw)
         assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
+
+
+def test_flow_ar_mode_matches_full_recompute_and_edits_keep_tokens():
+    # a flow model's samplers through the KV cache, AR mode with CFG and an interval (eps timesteps, mapped to flow
+    # times by SNR), equal the no-cache loop; editing keeps the kept tokens bit for bit
+    model, _ = random_model()
+    labels = torch.tensor([1, 3])
+    for sampler in ("euler", "dpm++", "dpm++sde"):
+        diffusion = Diffusion(6, sampler=sampler, objective="flow")
+        assert 150 <= diffusion.guide_timesteps[2] < 700 and not 150 <= diffusion.guide_timesteps[0] < 700
+        for kw in (dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700)),
+                   dict(ar_steps=16, cfg_scale=1.5)):
+            got = inference.sample_batch(model, diffusion, labels, 9, **kw)
+            assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
+    originals = inference.sample_batch(model, Diffusion(5, objective="flow"), torch.tensor([0, 2]), 1)
+    kept = sample.keep_mask("outer", 4)
+    edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Diffusion(5, objective="flow"), ar_steps=2)
+    pos = kept.flatten().nonzero()[:, 0]
+    assert torch.equal(edits[:, :, pos], originals[:, None, pos].expand(-1, 2, -1, -1))
+    assert not torch.equal(edits[:, :, ~kept.flatten()], originals[:, None, ~kept.flatten()].expand(-1, 2, -1, -1))
+
+
+def test_flow_checkpoint_samples_with_no_new_option():
+    # sample.py on a flow checkpoint: the checkpoint's objective picks the samplers (euler by default), the .npz
+    # says so, and it equals inference's samples; a sampler of the other objective is an error naming both
+    model, _ = random_model()
+    path = save_ckpt(model, os.path.join(TMP.name, "flow.pt"), config=dict(objective="flow"))
+    assert checkpoint.load_checkpoint(path)[1]["objective"] == "flow"
+    out = os.path.join(TMP.name, "flow.npz")
+    run_cli("--ckpt", path, "--num-samples", 3, "--batch-size", 2, "--steps", 3, "--ar-steps", 2, "--cfg-scale", 2,
+            "--cfg-interval", 100, 800, "--classes", 1, 2, "--out", out, "--out-dir", os.path.join(TMP.name, "flow"))
+    made = json.loads(str(np.load(out)["provenance"]))
+    assert (made["objective"], made["sampler"], made["steps"], made["spacing"]) == ("flow", "euler", 3, "uniform")
+    images, _, _ = inference.sample_images(model, build_vae("none"), 1.0, 3, [1, 2], ar_steps=2,
+                                           diffusion=inference.make_diffusion(3, objective="flow"), cfg_scale=2,
+                                           cfg_interval=(100, 800), batch_size=2)
+    assert np.array_equal(np.load(out)["arr_0"], images)
+    assert inference.make_diffusion(objective="flow").timesteps.numel() == inference.DEFAULT_STEPS["flow"]["euler"]
+    for args, words in ((["--sampler", "ddpm"], ("--sampler", "ddpm", "flow", "eps")),
+                        (["--sampler", "ddim"], ("--sampler", "ddim", "flow")),
+                        (["--spacing", "logsnr"], ("--spacing", "flow"))):
+        try:
+            sample.main(["--ckpt", path, "--steps", "2", "--num-samples", "1"] + args)
+            raise AssertionError(f"no error for {args}")
+        except ValueError as e:
+            assert all(w in str(e) for w in words), (args, str(e))
 
 
 def test_overfit_model_ar_modes_are_class_consistent():
@@ -419,14 +465,13 @@ def overfit_text_model():
     path = os.path.join(TMP.name, "overfit_text.pt")
     tok = tokenization.ByteTokenizer()
     if not os.path.exists(path):
-        from train_step import forward_losses
+        from train_step import StepOptions, forward_losses
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
         diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-        cfg = dict(transfusion=False, gamma=0.9, ar_steps_train=0, ar_lambda=2.0, text_loss_weight=0.1,
-                   noisy_copies=1)
+        options = StepOptions(text_loss_weight=0.1)
         for _ in range(400):
             k = torch.randint(4, (n,), generator=g)
             order = mask.token_order(n, 4, 4, "random", g)
@@ -435,7 +480,7 @@ def overfit_text_model():
             b = dict(clean=patchify(templates()[k], 2).gather(1, order[..., None].expand(n, L, 12)), y=None,
                      noise=torch.randn(n, L, 12, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
                      order=order, steps=steps, text=text, text_len=lengths, text_after=torch.rand(n, generator=g) < 0.5)
-            loss = forward_losses(model, model, diffusion, b, cfg)[0]
+            loss = forward_losses(model, model, diffusion, b, options)[0]
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -1,4 +1,4 @@
-"""Tests of train.py and training.py: DDP = one process, exact resume, non-finite loss, the demo learns, refused
+"""Tests of train.py and train_step.py: DDP = one process, exact resume, non-finite loss, the demo learns, refused
 checkpoints.
 
 Tiny runs on 8x8-pixel shapes (16 tokens), each in its own temporary directory; the DDP test launches
@@ -23,6 +23,7 @@ import runtime
 import train
 import train_monitor
 import train_step
+from train_step import StepOptions
 from diffusion import Diffusion
 from latents import LatentData, extract
 from model import CausalFusion, patchify
@@ -41,6 +42,14 @@ def _tiny_data(root, size=8, per_class=4):
         Image.fromarray(image).save(os.path.join(root, "images", str(label), f"{i}.png"))
     extract(os.path.join(root, "images"), os.path.join(root, "latents"), vae="none", image_size=size, num_workers=0)
     return os.path.join(root, "latents")
+
+
+def _draw(data, model, indices, cfg, tokenizer=None):
+    """train_step.draw_micro_batch of micro-batch 0 of step 0 (seed 0) with the step options and objective of a
+    train.py config."""
+    return train_step.draw_micro_batch(data, model, indices, runtime.seeded(0, 1, 0, 0),
+                                       options=StepOptions.from_config(cfg),
+                                       diffusion=Diffusion(objective=cfg["objective"]), tokenizer=tokenizer)
 
 
 def _load(path):
@@ -62,7 +71,7 @@ def test_micro_batch_draws():
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, per_step_t=True, class_dropout=0.5)
         idx = runtime.step_indices(0, 16, len(data), seed=0)
-        b = train_step.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = _draw(data, model, idx, cfg)
         clean, noise, t, y, order, steps = (b[k] for k in ("clean", "noise", "t", "y", "order", "steps"))
         assert clean.shape == noise.shape == (16, 16, 12) and t.shape == steps.shape == order.shape == (16, 16)
         # clean tokens: the latents drawn by LatentData.batch with the same stream, in each sample's AR order
@@ -215,6 +224,7 @@ def test_demo_loss_falls_and_writes_outputs():
         assert ckpt["model_config"]["input_size"] == 8 and ckpt["data"]["num_classes"] == 10
         assert os.path.exists(os.path.join(tmp, "samples_0000080.png")) and 0 <= summary["nn_accuracy"] <= 1
         assert summary["nn_accuracy_real"] >= 0.9  # fresh real images: their nearest training image is same-class
+        assert summary["kid"] > summary["kid_real"]  # 80 steps: far from the real images, which are near each other
 
 
 def test_caption_demo_and_its_yardstick_run_end_to_end():
@@ -241,6 +251,69 @@ def test_caption_demo_and_its_yardstick_run_end_to_end():
             assert "combinations" in str(e), str(e)
         else:
             raise AssertionError("--demo combination was accepted")
+
+
+def test_default_step_is_the_papers_formula():
+    # the default options draw what the step drew before --objective existed, in the same order from the same
+    # stream (latents, label dropout, order, split, randint timesteps, noise), and the loss is bit for bit the
+    # paper's AR-weighted eps MSE at x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    with tempfile.TemporaryDirectory() as tmp:
+        data = LatentData(_tiny_data(tmp))
+        model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
+        torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
+        idx = torch.arange(8)
+        b = _draw(data, model, idx, train.config)
+        g = runtime.seeded(0, 1, 0, 0)
+        x, _ = data.batch(idx, g, flip=True)
+        torch.rand(8, generator=g)  # the label dropout
+        order = mask.token_order(8, 4, 4, "random", g, 2)
+        steps = mask.sample_step_ids(mask.sample_num_steps(8, 16, 0.9, g), 16, g)
+        t = torch.randint(0, 1000, (8, 1), generator=g)[:, 0]
+        noise = torch.randn(8, 16, 12, generator=g)
+        assert torch.equal(b["order"], order) and torch.equal(b["steps"], steps) and torch.equal(b["t"], t)
+        assert torch.equal(b["noise"], noise)
+        with torch.no_grad():
+            loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions())[0]
+            acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float()[:, None, None]
+            xt = acp.sqrt() * b["clean"] + (1 - acp).sqrt() * noise
+            attn = mask.causal_mask(steps, steps, model.num_prefix_tokens)
+            eps = model(b["clean"], xt, t, b["y"], order, attn, clean_pos=order)
+        paper = ((eps - noise).square().mean(-1) * mask.ar_weights(steps, 2.0)).mean()
+        assert torch.equal(loss, paper), (loss, paper)
+        assert StepOptions.from_config(train.config) == StepOptions()  # the dataclass' defaults are train.py's
+
+
+def test_flow_run_trains_resumes_and_refuses_another_objective():
+    # --objective flow with logit-normal timesteps and min-SNR weights: flow's draws (float t in [0, 1]), a loss
+    # that falls on the demo's shapes, the objective in the checkpoint, an exact resume; another objective on
+    # --resume, and options that do not apply, are errors naming them
+    with tempfile.TemporaryDirectory() as tmp:
+        flow = ["--objective", "flow", "--timestep-sampling", "logit-normal", "--loss-weighting", "min-snr"]
+        args = TINY + ["--data", _tiny_data(tmp), "--ckpt-every", "2"] + flow
+        straight = train.main(args + ["--max-steps", "4", "--out", os.path.join(tmp, "a")])
+        out = os.path.join(tmp, "b")
+        train.main(args + ["--max-steps", "2", "--out", out])
+        resumed = train.main(args + ["--max-steps", "4", "--out", out, "--resume"])
+        assert resumed["losses"] == straight["losses"][2:]
+        a, b = _load(os.path.join(tmp, "a", "ckpt.pt")), _load(os.path.join(out, "ckpt.pt"))
+        assert a["config"]["objective"] == "flow" and _same_state(a["model"], b["model"])
+        assert os.path.exists(os.path.join(out, "samples_0000004.png"))  # the grid: euler, the flow default
+        b = _draw(LatentData(os.path.join(tmp, "latents")), CausalFusion("T", input_size=8, num_classes=10),
+                  torch.arange(8), dict(train.config, objective="flow", timestep_sampling="logit-normal"))
+        assert b["t"].dtype == torch.float32 and 0 < b["t"].min() and b["t"].max() < 1
+        for extra, words in ((["--objective", "eps"], ("--objective flow", "--objective eps")),
+                             (["--objective", "x0"], ("--objective", "x0")),
+                             (["--timestep-sampling", "lognorm"], ("--timestep-sampling", "logit-normal")),
+                             (["--loss-weighting", "snr"], ("--loss-weighting", "min-snr")),
+                             (["--loss-weighting", "none", "--snr-gamma", "3"], ("--snr-gamma", "min-snr")),
+                             (["--timestep-sampling", "uniform", "--logit-std", "2"], ("--logit-std", "logit-normal")),
+                             (["--grid-sampler", "ddpm"], ("--sampler", "ddpm", "flow"))):
+            try:
+                train.main(args + ["--max-steps", "6", "--out", out, "--resume"] + extra)
+                raise AssertionError(f"{extra} was accepted")
+            except ValueError as e:
+                assert all(w in str(e) for w in words), (extra, e)
+        assert _load(os.path.join(out, "ckpt.pt"))["step"] == 4
 
 
 def test_checkpoint_of_other_size_or_latent_shape_is_refused():
@@ -290,7 +363,7 @@ def test_captioned_micro_batch_draws():
                                    text_vocab=tok.vocab_size, text_len=12)
         cfg = dict(train.config, text_len=12, flip=False)
         idx = torch.arange(40)
-        b = train_step.draw_micro_batch(data, model, idx, runtime.seeded(0, 1, 0, 0), cfg, 1000, tok)
+        b = _draw(data, model, idx, cfg, tok)
         assert b["text"].shape == (40, 12) and b["text_len"].shape == b["text_after"].shape == (40,)
         drawn = []
         for i in range(40):  # each example's text is one of its image's captions, cut to 12 tokens with BOS, EOS
@@ -350,17 +423,17 @@ def test_single_step_runs_leave_out_the_clean_tokens():
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10).eval()
         torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
         cfg = dict(train.config, gamma=0.0)
-        b = train_step.draw_micro_batch(data, model, torch.arange(16), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = _draw(data, model, torch.arange(16), cfg)
         seen = []
         forward = model.forward
         model.forward = lambda clean, *a, **kw: seen.append(clean.shape[1]) or forward(clean, *a, **kw)
         with torch.no_grad():
-            loss = train_step.forward_losses(model, model, Diffusion(), b, cfg)[0]
+            loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions.from_config(cfg))[0]
             xt = Diffusion().q_sample(b["clean"], b["t"], b["noise"])
             attn = mask.causal_mask(b["steps"], b["steps"], model.num_prefix_tokens)
             eps = forward(b["clean"], xt, b["t"], b["y"], b["order"], attn)
         assert seen == [0] and b["steps"].eq(0).all()
-        static = Diffusion.eps_loss(eps, b["noise"], mask.ar_weights(b["steps"], cfg["ar_lambda"]))
+        static = Diffusion().loss(eps, b["clean"], b["noise"], b["t"], mask.ar_weights(b["steps"], cfg["ar_lambda"]))
         assert torch.allclose(loss, static, rtol=1e-5), (loss, static)
 
 
@@ -371,19 +444,18 @@ def test_fixed_ar_steps_train_and_block_size():
         data = LatentData(_tiny_data(tmp))
         model = CausalFusion("T", input_size=8, patch_size=2, in_channels=3, num_classes=10)
         cfg = dict(train.config, ar_steps_train=4, order="block_raster", order_block=4)
-        b = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b = _draw(data, model, torch.arange(8), cfg)
         assert torch.equal(b["steps"], torch.arange(4).repeat_interleave(4).expand(8, 16))
         assert torch.equal(b["order"][0], torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]))
         cfg["order_block"] = 2  # 2x2 blocks of the 4x4 grid, in raster order
-        b2 = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+        b2 = _draw(data, model, torch.arange(8), cfg)
         assert b2["order"][0, :8].tolist() == [0, 1, 4, 5, 2, 3, 6, 7]
         steps = b["steps"][:1]
         authors = mask.causal_mask(steps[:, :12], steps, model.num_prefix_tokens)[0]  # steps 1..S-1 clean
         from test_core import algorithm1_mask
         assert torch.equal(authors, algorithm1_mask([0, 4, 8, 12, 16], model.num_prefix_tokens))
         # the default (random S) stream is untouched by the option's existence
-        plain = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
-                                       dict(cfg, ar_steps_train=0, order_block=4), 1000)
+        plain = _draw(data, model, torch.arange(8), dict(cfg, ar_steps_train=0, order_block=4))
         assert not plain["steps"].eq(b["steps"]).all() and torch.equal(plain["noise"], b["noise"])
 
 
@@ -397,7 +469,7 @@ def test_noisy_copies_and_per_batch_split():
         L, K = 16, 3
         for per_step_t in (False, True):
             cfg = dict(train.config, noisy_copies=K, per_step_t=per_step_t)
-            b = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), cfg, 1000)
+            b = _draw(data, model, torch.arange(8), cfg)
             assert b["noise"].shape == (8, K * L, 12) and b["t"].shape == (8, K * L)
             t = b["t"].view(8, K, L)
             if per_step_t:  # one t per AR step of each copy
@@ -408,16 +480,15 @@ def test_noisy_copies_and_per_batch_split():
             else:
                 assert (t == t[:, :, :1]).all() and (t[:, 0] != t[:, 1]).any()
             with torch.no_grad():
-                loss = train_step.forward_losses(model, model, Diffusion(), b, cfg)[0]
+                loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions.from_config(cfg))[0]
                 parts = [train_step.forward_losses(model, model, Diffusion(),
-                                              dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
-                                              dict(cfg, noisy_copies=1))[0] for j in range(K)]
+                                                   dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
+                                                   StepOptions.from_config(dict(cfg, noisy_copies=1)))[0]
+                         for j in range(K)]
             assert torch.allclose(loss, torch.stack(parts).mean(), rtol=1e-5), (loss, parts)
         # the authors' split: one S and one split per micro-batch (the default draws one per sample)
-        per_batch = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0),
-                                           dict(train.config, split_per="batch"), 1000)["steps"]
-        per_sample = train_step.draw_micro_batch(data, model, torch.arange(8), runtime.seeded(0, 1, 0, 0), train.config,
-                                            1000)["steps"]
+        per_batch = _draw(data, model, torch.arange(8), dict(train.config, split_per="batch"))["steps"]
+        per_sample = _draw(data, model, torch.arange(8), train.config)["steps"]
         assert (per_batch == per_batch[:1]).all() and per_batch.max() > 0
         assert not (per_sample == per_sample[:1]).all()
 

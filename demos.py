@@ -345,7 +345,8 @@ def evaluate_combination_demo(ema, cfg, data, vae, diffusion, autocast, log):
 
 def evaluate_class_demo(ema, cfg, data, diffusion, autocast, log):
     """train.py's closing figure of pixel-space class data (cfg: its config; data: its LatentData; diffusion: the
-    sampler of its grids): the nearest-neighbour class accuracy of EMA samples of every class; for the demo, of fresh real images too."""
+    sampler of its grids): the nearest-neighbour class accuracy of EMA samples of every class; for the demo, of
+    fresh real images too, and the pixel KID of the samples to fresh real images."""
     summary, (_, h, w) = {}, data.latent_shape
     labels = torch.arange(data.num_classes).repeat_interleave(cfg["eval_per_class"])
     with autocast:

@@ -41,7 +41,8 @@ FLOW_SAMPLERS = ("euler", "dpm++", "dpm++sde")  # flow's; the first is its defau
 SAMPLERS_OF = {"eps": SAMPLERS, "flow": FLOW_SAMPLERS}
 SPACINGS = ("uniform", "trailing", "logsnr")
 # the timesteps each fast eps sampler visits by default: trailing scored best of the three on the class demo
-# (docs/sampling.md, "Fast samplers"); ddpm always takes ADM's uniform respacing, the paper's. Flow visits t = i / N ("uniform").
+# (docs/sampling.md, "Fast samplers"); ddpm always takes ADM's uniform respacing, the paper's. Flow visits t = i / N
+# ("uniform").
 DEFAULT_SPACING = {"ddim": "trailing", "dpm++": "trailing", "dpm++sde": "trailing"}
 TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 LOSS_WEIGHTINGS = ("none", "min-snr")

@@ -71,8 +71,9 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
 
     order (N, L - K) lists the image positions to generate, in AR order; step s denoises the next
     step_sizes[s] of them with all of the sampler's steps, seeing the prefix (class tokens or text) and the clean
-    tokens of the steps before it through the KV cache, then enters its clean result into the cache. context (N, K, P) at image positions
-    context_pos (N, K) are given clean tokens (zero-shot editing), entered into the cache before step 1.
+    tokens of the steps before it through the KV cache, then enters its clean result into the cache. context
+    (N, K, P) at image positions context_pos (N, K) are given clean tokens (zero-shot editing), entered into the
+    cache before step 1.
     A text model takes texts (N, Lt) of text_lengths (N,) real tokens in place of labels (None).
     With cfg_scale > 1 the cache holds a doubled batch [cond; null class, or no text] and guidance runs in one
     forward."""
@@ -166,8 +167,8 @@ def class_labels(num_samples, classes, num_classes, seed):
 
 
 def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=1, split="equal", order="random",
-                  order_block=2, diffusion=None, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16, dtype="fp32", rank=0,
-                  world_size=1, prompts=None, tokenizer=None):
+                  order_block=2, diffusion=None, cfg_scale=1.0, cfg_interval=(0, 1000), seed=0, batch_size=16,
+                  dtype="fp32", rank=0, world_size=1, prompts=None, tokenizer=None):
     """This rank's share of the num_samples images: (uint8 (n, H, W, 3), labels (n,) or for a text model their
     prompts (n,) (--prompts cycled), sample indices (n,)). Rank r takes global batches r, r + world_size, ...;
     batch b holds samples b*batch_size... and is seeded by (seed, b) alone."""
@@ -191,8 +192,8 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
                               order_block=order_block,
                               cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
         if not torch.isfinite(tokens).all():  # a NaN would decode to a plausible-looking image and skew the FID
-            raise FloatingPointError(f"batch {b} (samples {idx[0]}..{idx[-1]}, batch seed {batch_seed} of --seed {seed}):"
-                                     f" non-finite latents; nothing was written (try --dtype fp32)")
+            raise FloatingPointError(f"batch {b} (samples {idx[0]}..{idx[-1]}, batch seed {batch_seed} of --seed "
+                                     f"{seed}): non-finite latents; nothing was written (try --dtype fp32)")
         images.append(tokens_to_images(tokens, model, vae, scale_factor))
         index.append(idx)
     if not images:  # a rank with no batch

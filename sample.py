@@ -43,8 +43,8 @@ config = dict(
     split="equal",  # AR step sizes: equal, or random (a uniformly random composition of L)
     order="random",  # order of the tokens over the AR steps: random (per sample), raster or block_raster
     order_block=2,  # block side (in tokens) of --order block_raster (as train.py's)
-    sampler="",  # "" = the checkpoint objective's default; eps: ddpm (the paper's, ancestral), ddim, dpm++ (DPM-Solver++
-      # 2M) or dpm++sde (its SDE form); flow: euler (the default), dpm++ or dpm++sde (docs/flow.md)
+    sampler="",  # "" = the checkpoint objective's default; eps: ddpm (the paper's, ancestral), ddim, dpm++
+      # (DPM-Solver++ 2M) or dpm++sde (its SDE form); flow: euler (the default), dpm++ or dpm++sde (docs/flow.md)
     steps=0,  # sampler steps per AR step (eps: respaced from 1000); 0 = the sampler's default (ddpm 250, the paper's)
     eta=0.0,  # --sampler ddim: its noise, 0 (deterministic) to 1 (DDPM-like)
     spacing="",  # the timesteps a fast sampler visits: uniform, trailing or logsnr ("" = the sampler's default)
@@ -105,8 +105,9 @@ def provenance(cfg, diffusion, dtype):
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     return dict(ckpt=os.path.basename(cfg["ckpt"]), ckpt_sha256=sha.hexdigest(), weights="ema" if cfg["ema"] else
-                "model", objective=diffusion.objective, sampler=diffusion.sampler, steps=len(diffusion.timesteps), eta=diffusion.eta,
-                spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"], cfg_interval=list(cfg["cfg_interval"]),
+                "model", objective=diffusion.objective, sampler=diffusion.sampler, steps=len(diffusion.timesteps),
+                eta=diffusion.eta, spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"],
+                cfg_interval=list(cfg["cfg_interval"]),
                 ar_steps=cfg["ar_steps"], order=cfg["order"], split=cfg["split"], classes=cfg["classes"],
                 **({"order_block": cfg["order_block"]} if cfg["order"] == "block_raster" else {}),
                 num_samples=cfg["num_samples"], seed=cfg["seed"], batch_size=cfg["batch_size"], dtype=dtype,

@@ -249,7 +249,8 @@ def train(cfg, rank, world, device):
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])  # training draws are keyed by (seed, step); this is the rest
         step, wandb_id = ckpt["step"], ckpt.get("wandb_id")
-        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items() if k != "resume" and ckpt["config"].get(k) != v}
+        changed = {k: (ckpt["config"].get(k), v) for k, v in cfg.items()
+                   if k != "resume" and ckpt["config"].get(k) != v}
         log(f"resuming {ckpt_path} at step {step}; options changed since (was, now): {changed}")
     elif cfg["init_from"]:  # someone's weights: other classes and grids carried over (checkpoint.init_from)
         if cfg["init_weights"] not in ("ema", "model"):
@@ -293,8 +294,8 @@ def train(cfg, rank, world, device):
         for a in range(cfg["grad_accum"]):
             m = rank * cfg["grad_accum"] + a  # this micro-batch's place in the global batch
             batch = draw_micro_batch(data, model, indices[m * micro_size:(m + 1) * micro_size],
-                                     seeded(cfg["seed"], SEED_TRAIN_STEP, step, m), options=options, diffusion=diffusion,
-                                     tokenizer=tokenizer)
+                                     seeded(cfg["seed"], SEED_TRAIN_STEP, step, m), options=options,
+                                     diffusion=diffusion, tokenizer=tokenizer)
             captions[0] += batch.pop("truncated", 0)
             captions[1] += micro_size if tokenizer else 0
             b = {k: (x.pin_memory() if pin else x).to(device, non_blocking=True) for k, x in batch.items()}
@@ -316,7 +317,8 @@ def train(cfg, rank, world, device):
         log_now = step % cfg["log_every"] == 0 or step == cfg["max_steps"]
         save_now = step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]
         if log_now or save_now:
-            new_losses, new_text_losses, norm = read_step_stats(pending, micro, world, step - len(pending) + 1, ckpt_path)
+            new_losses, new_text_losses, norm = read_step_stats(pending, micro, world, step - len(pending) + 1,
+                                                                ckpt_path)
             pending.clear()
             losses += new_losses
             text_losses += new_text_losses

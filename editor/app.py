@@ -205,8 +205,9 @@ class Editor:
     # -------------------------------------------------------------------------------------- requests
     def info(self):
         regions = region_masks(self.grid)
-        return dict(image_size=self.size, classes=self.class_names, text=self.text, samplers=list(SAMPLERS_OF[self.objective]),
-                    grid=self.grid, token_pixels=self.size // self.grid, num_tokens=self.model.num_tokens,
+        return dict(image_size=self.size, classes=self.class_names, text=self.text,
+                    samplers=list(SAMPLERS_OF[self.objective]), grid=self.grid, token_pixels=self.size // self.grid,
+                    num_tokens=self.model.num_tokens,
                     text_tokens=self.model.num_prefix_tokens if self.text else 0,
                     regions={name: regions[kind].flatten().int().tolist() for name, kind in REGIONS.items()},
                     defaults=dict(self.defaults), default_steps=DEFAULT_STEPS[self.objective], max_steps=MAX_STEPS,
@@ -327,8 +328,8 @@ class Editor:
                                f"sampler's default ({DEFAULT_STEPS[self.objective]}); got {got['steps']}")
         options = {k: got[k] for k in ("ar_steps", "split", "order", "order_block", "cfg_scale", "cfg_interval")}
         try:
-            diffusion = make_diffusion(got["steps"], got["sampler"] or self.defaults["sampler"], got["eta"], got["spacing"],
-                                       self.objective)
+            diffusion = make_diffusion(got["steps"], got["sampler"] or self.defaults["sampler"], got["eta"],
+                                       got["spacing"], self.objective)
             check_sampling_options(self.model, classes=classes, num_tokens=num_tokens, **options)
         except ValueError as e:
             raise RequestError(option_to_field(str(e))) from None

@@ -356,14 +356,15 @@ def evaluate_class_demo(ema, cfg, data, diffusion, autocast, log):
     log(f"step {cfg['max_steps']} | nearest-neighbour class accuracy of {len(labels)} EMA samples: "
         f"{summary['nn_accuracy']:.3f} (chance {1 / data.num_classes:.3f})")
     if not cfg["data"]:  # the demo: the same figures for fresh real images are the ceiling
+        as_latents = lambda images: torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W)
         real, real_labels = draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 1)
-        real = torch.from_numpy(real).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, 3, H, W) in [-1, 1]
+        real = as_latents(real)  # pixels in [-1, 1], as --vae none's latents
         summary["nn_accuracy_real"] = nearest_neighbour_accuracy(real, torch.from_numpy(real_labels), data)
         log(f"step {cfg['max_steps']} | the same for {len(real)} fresh real images: {summary['nn_accuracy_real']:.3f}")
         # the distribution distance of the samples to fresh real images, and of other fresh real images (its floor)
-        other = torch.from_numpy(draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 4)[0]).permute(0, 3, 1, 2)
+        other = as_latents(draw_shapes(cfg["eval_per_class"], h, cfg["seed"] + 4)[0])
         summary["kid"] = KID_SCALE * kernel_distance(samples.clamp(-1, 1).flatten(1), real.flatten(1))
-        summary["kid_real"] = KID_SCALE * kernel_distance(other.float().flatten(1) / 127.5 - 1, real.flatten(1))
+        summary["kid_real"] = KID_SCALE * kernel_distance(other.flatten(1), real.flatten(1))
         log(f"step {cfg['max_steps']} | pixel KID x {KID_SCALE} of the EMA samples to {len(real)} fresh real images: "
             f"{summary['kid']:.2f}; of {len(other)} other fresh real images: {summary['kid_real']:.2f}")
     return summary

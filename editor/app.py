@@ -328,8 +328,7 @@ class Editor:
                                f"sampler's default ({DEFAULT_STEPS[self.objective]}); got {got['steps']}")
         options = {k: got[k] for k in ("ar_steps", "split", "order", "order_block", "cfg_scale", "cfg_interval")}
         try:
-            diffusion = make_diffusion(got["steps"], got["sampler"] or self.defaults["sampler"], got["eta"],
-                                       got["spacing"], self.objective)
+            diffusion = make_diffusion(got["steps"], got["sampler"], got["eta"], got["spacing"], self.objective)
             check_sampling_options(self.model, classes=classes, num_tokens=num_tokens, **options)
         except ValueError as e:
             raise RequestError(option_to_field(str(e))) from None

@@ -424,7 +424,7 @@ def precision_recall(ref, samples, k=3, block=10000, device="cpu"):
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None):
     c = dict(config)
-    paths = parse_config(c, argv)
+    paths = parse_config(c, argv, positional="REF SAMPLES (or INPUT with --save-stats)")
     if set(c["metrics"]) - set(METRICS):
         raise InputError(f"--metrics: unknown {sorted(set(c['metrics']) - set(METRICS))}, choose from {METRICS}")
     if not (len(paths) == 2 or (len(paths) == 1 and c["save_stats"])):

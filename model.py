@@ -47,6 +47,16 @@ def unpatchify(tokens, p, h, w):
     return x.permute(0, 5, 1, 3, 2, 4).reshape(n, c, h, w)  # (N, C, H, W)
 
 
+def training_flops(model, attn_mask):
+    """Model FLOPs of one training step (3x forward): every matmul, and attention over the allowed pairs only."""
+    D, depth = model.x_proj.out_features, len(model.blocks)
+    n, T, _ = attn_mask.shape
+    L = model.num_tokens
+    matmul = 2 * n * (T * depth * 12 * D * D + 2 * L * model.token_dim * D + L * D * model.token_dim)
+    attention = 4 * D * depth * attn_mask.sum().item()
+    return 3 * (matmul + attention)
+
+
 def sincos_pos_embed(dim, grid_size):
     """Fixed 2-D sin-cos position embedding (1, grid*grid, dim): half the channels encode the column,
     half the row, each as [sin, cos] over dim/4 frequencies (MAE/DiT)."""

@@ -9,13 +9,15 @@ torchrun's process group, seeded generators.
 Config: every key may be given as `--key value` or `--key=value`, dashes or underscores alike. The value is
 converted to the type of the default (bool: true/false/1/0/yes/no, or a bare flag for True; a tuple or
 list default takes every following value that is not an option; a None default takes a string).
-An unknown key or a value of the wrong type is an error that names the key. Words that are not options
-are returned as positional arguments (for scripts such as fid.py that take file names).
+An unknown key or a value of the wrong type is an error that names the key. A word that is not an option is
+an error naming it, except where the script takes some (fid.py's file names: returned to it) or a recipe: a
+Python file of `key = value` lines (configs/, nanoGPT's config files), applied before every --key value.
 
 Seeding (train.py, finetune/): micro-batch m of step s draws from seeded(seed, SEED_TRAIN_STEP, s, m) (finetune/:
 SEED_FINETUNE_STEP) and epoch e's data order from seeded(seed, SEED_DATA_ORDER, e), so resuming needs no generator
 state and N ranks compute the same step as one rank accumulating N micro-batches.
 """
+import ast
 import contextlib
 import difflib
 import functools
@@ -75,6 +77,17 @@ def launch(cfg, run):
         return run(cfg, rank, world, device)
 
 
+def device_peak_flops(device, tflops=0.0):
+    """The dense bf16 peak of a GPU for MFU (tflops > 0: that), from its name; 0 where unknown (a CPU)."""
+    if tflops:
+        return tflops * 1e12
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    for key, peak in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)):
+        if key in name:
+            return peak * 1e12
+    return 0.0
+
+
 def barrier(world):
     if world > 1:
         dist.barrier()
@@ -94,6 +107,16 @@ def seeded(*key):
 @functools.lru_cache(maxsize=1)
 def epoch_permutation(n, seed, epoch):
     return torch.randperm(n, generator=seeded(seed, SEED_DATA_ORDER, epoch))
+
+
+def micro_batches(batch_size, device_batch_size, world):
+    """(micro-batches per rank per step, images per micro-batch): the global batch_size over `world` ranks, each
+    accumulating micro-batches of device_batch_size (nanochat's; 0 = a rank's whole share at once)."""
+    size = device_batch_size or batch_size // world
+    if size <= 0 or batch_size % (size * world):
+        raise ValueError(f"--batch-size {batch_size} must be a multiple of --device-batch-size {device_batch_size} x "
+                         f"{world} rank(s) (the accumulation is batch-size / (device-batch-size x ranks))")
+    return batch_size // (size * world), size
 
 
 def step_indices(step, batch, n, seed):
@@ -155,9 +178,20 @@ def config_comments(path):
     return comments
 
 
-def print_help(config, prog, path):
+def read_script_config(path):
+    """The `config = dict(...)` block of a script as a dict, read from its source without running the script
+    (the defaults that a recipe overrides, for a tool that checks recipes)."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    call = next(node.value for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "config" for t in node.targets))
+    return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
+
+
+def print_help(config, prog, path, usage):
     """--help: every key with its default and its comment in the config block, under the block's headings."""
-    print(f"usage: {prog} [--key value ...]  (dashes or underscores; --key=value works too)")
+    print(f"usage: {prog} {usage + ' ' if usage else ''}[--key value ...]  (dashes or underscores; --key=value "
+          f"works too)")
     comments = config_comments(path) if path else {}
     for key in comments if set(config) <= set(comments) else config:
         if key.startswith("# "):
@@ -166,34 +200,91 @@ def print_help(config, prog, path):
             print(f"  --{key.replace('_', '-'):22s} {config[key]!r:>14}   {comments.get(key, '')}")
 
 
-def parse_config(config, argv=None, prog=None, source=None):
-    """Override `config` in place from argv; return the list of positional arguments. source: the script whose
-    config block --help reads its comments from (default: the caller's file).
+def _unknown_key(key, config):
+    near = difflib.get_close_matches(key, config, n=3, cutoff=0.6)
+    return f"did you mean {' or '.join('--' + k.replace('_', '-') for k in near)}? " if near else ""
+
+
+def _check_type(where, key, value, default):
+    """value of a recipe file, checked against the default's type (an int stands for a float; a list for a tuple)."""
+    kind = type(default)
+    if default is None:
+        ok = value is None or isinstance(value, str)
+    elif kind is float:
+        ok, value = isinstance(value, (int, float)) and not isinstance(value, bool), value
+        value = float(value) if ok else value
+    elif kind in (tuple, list):
+        ok = isinstance(value, (tuple, list))
+        value = kind(value) if ok else value
+    else:
+        ok = type(value) is kind
+    if not ok:
+        raise ConfigError(f"{where}: {key} = {value!r}: expected {kind.__name__}, like its default {default!r}")
+    return value
+
+
+def read_recipe(path, config):
+    """{key: value} of a recipe file: the assignments `key = value` of its top level, each key one of config's
+    (a name that starts with _ is the file's own helper), each value of the default's type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"recipe {path}: {e.strerror}") from None
+    try:
+        tree = ast.parse(text, path)
+        namespace = {}
+        exec(compile(tree, path, "exec"), namespace)
+    except Exception as e:  # a recipe is the user's Python: name the file and line of whatever stops it
+        line = getattr(e, "lineno", None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
+        raise ConfigError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
+    values = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        for name in (t.id for t in targets if isinstance(t, ast.Name) and not t.id.startswith("_")):
+            where = f"{path}, line {node.lineno}"
+            if name not in config:
+                raise ConfigError(f"{where}: unknown key {name}: {_unknown_key(name, config)}(--help lists the "
+                                  f"{len(config)} keys)")
+            values[name] = _check_type(where, name, namespace[name], config[name])
+    return values
+
+
+def parse_config(config, argv=None, prog=None, source=None, positional="", recipes=False):
+    """Override `config` in place from argv; return the words that are not options. positional: the usage of the
+    words the script takes (fid.py's "REF SAMPLES"); "" = none, a stray word is an error. recipes: a word ending in
+    .py is a recipe file (read_recipe), applied in order before every --key value, and returned among the words.
+    source: the script whose config block --help reads its comments from (default: the caller's file).
     With argv=None (the real command line) a bad option exits with `prog: error: ...` instead of raising."""
     source = source or sys._getframe(1).f_globals.get("__file__")
     prog = prog or os.path.basename(source or sys.argv[0])
+    usage = " ".join(w for w in ("[RECIPE.py ...]" if recipes else "", positional) if w)
     if argv is None:
         try:
-            return parse_config(config, sys.argv[1:], prog, source)
+            return parse_config(config, sys.argv[1:], prog, source, positional, recipes)
         except ConfigError as e:
             sys.exit(f"{prog}: error: {e}")
     argv = list(argv)
-    positional, i = [], 0
+    words, options, i = [], {}, 0
     while i < len(argv):
         word = argv[i]
         i += 1
         if word in ("-h", "--help"):
-            print_help(config, prog, source)
+            print_help(config, prog, source, usage)
             sys.exit(0)
         if not _is_option(word):
-            positional.append(word)
+            if not positional and not (recipes and word.endswith(".py")):
+                after = f" (after {argv[i - 2]})" if i > 1 else ""
+                expected = f"options (--key value), and {usage}" if usage else "only options (--key value)"
+                raise ConfigError(f"unexpected word {word!r}{after}: {prog} takes {expected}")
+            words.append(word)
             continue
         name, has_eq, inline = word[2:].partition("=")
         key = name.replace("-", "_")
         if key not in config:
-            near = difflib.get_close_matches(key, config, n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join('--' + k.replace('_', '-') for k in near)}? " if near else ""
-            raise ConfigError(f"unknown option --{name}: {hint}(--help lists the {len(config)} options)")
+            raise ConfigError(f"unknown option --{name}: {_unknown_key(key, config)}(--help lists the {len(config)} "
+                              f"options)")
         default = config[key]
         if isinstance(default, (tuple, list)):
             values = inline.split(",") if has_eq else []
@@ -201,15 +292,18 @@ def parse_config(config, argv=None, prog=None, source=None):
                 values.append(argv[i])
                 i += 1
             elem = default[0] if len(default) else ""
-            config[key] = type(default)(_convert(name, v, elem) for v in values if v != "")
+            options[key] = type(default)(_convert(name, v, elem) for v in values if v != "")
         elif has_eq:
-            config[key] = _convert(name, inline, default)
+            options[key] = _convert(name, inline, default)
         elif isinstance(default, bool) and (i == len(argv) or _is_option(argv[i])
                                            or argv[i].lower() not in _TRUE | _FALSE):
-            config[key] = True  # bare flag
+            options[key] = True  # bare flag
         elif i < len(argv):
-            config[key] = _convert(name, argv[i], default)
+            options[key] = _convert(name, argv[i], default)
             i += 1
         else:
             raise ConfigError(f"--{name}: missing value")
-    return positional
+    for path in (w for w in words if recipes and w.endswith(".py")):
+        config.update(read_recipe(path, config))
+    config.update(options)
+    return words

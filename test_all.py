@@ -1,47 +1,58 @@
-"""The whole test suite: `python test_all.py` (CPU, a few minutes) or `pytest`.
+"""The whole test suite: `python test_all.py` (CPU, a few minutes), pytest underneath (requirements-test.txt).
 
-The tests live in tests/, one file per stage (test_core.py: mask, model, diffusion). Run directly, this file runs
-every `test_*` function of every tests/test_*.py, prints one line per test and ends with `N passed, N failed`
-(exit code 1 on any failure). `python test_all.py mask kv` runs only the tests whose name contains one of the words.
+The tests live in tests/, one file per stage (test_core.py: mask, model, diffusion). This runs them all through
+pytest (its fixtures: tmp_path, parametrize, raises), prints one line per test and ends with
+`N passed, N failed` (exit code 1 on any failure). `python test_all.py mask kv` runs only the tests whose name
+contains one of the words. `pytest` alone runs the same tests.
 """
-import glob
-import importlib
 import os
 import sys
-import time
-import traceback
+
+import pytest
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(ROOT, "tests")
 
 
-def _collect(filters):
-    sys.path[:0] = [ROOT, TESTS]
-    tests = []
-    for path in sorted(glob.glob(os.path.join(TESTS, "test_*.py"))):
-        module = importlib.import_module(os.path.basename(path)[:-3])
-        for attr, fn in vars(module).items():
-            if attr.startswith("test_") and callable(fn) and getattr(fn, "__module__", None) == module.__name__:
-                if not filters or any(f in attr for f in filters):
-                    tests.append((f"{module.__name__}.{attr}", fn))
-    return tests
+class Count:
+    """A pytest plugin: one line per test as it ends, in place of pytest's progress letters (its failure reports
+    follow at the end), and the counts (a setup or teardown error, or a test file that fails to import, fails)."""
+
+    def __init__(self):
+        self.passed, self.failed, self.skipped = [], [], []
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_report_teststatus(self, report):
+        if report.when == "call" or not report.passed:  # pytest's categories, without the letter
+            return report.outcome, "", report.outcome.upper()
+        return "", "", ""
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            self.failed.append(report.nodeid)
+            print(f"FAIL {report.nodeid} (collection)", flush=True)
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and report.nodeid not in self.failed:
+            self.failed.append(report.nodeid)
+            print(f"FAIL {report.nodeid} ({report.duration:.1f}s)", flush=True)
+        elif report.when == "call" and report.passed:
+            self.passed.append(report.nodeid)
+            print(f"PASS {report.nodeid} ({report.duration:.1f}s)", flush=True)
+        elif report.skipped:
+            self.skipped.append(report.nodeid)
 
 
 def main(filters):
-    passed, failed = 0, []
-    for name, fn in _collect(filters):
-        start = time.time()
-        try:
-            fn()
-            passed += 1
-            print(f"PASS {name} ({time.time() - start:.1f}s)", flush=True)
-        except Exception:
-            failed.append(name)
-            print(f"FAIL {name} ({time.time() - start:.1f}s)\n{traceback.format_exc()}", flush=True)
-    for name in failed:
+    count = Count()
+    args = [os.path.join(ROOT, "tests"), "-q", "-p", "no:cacheprovider", "--rootdir", ROOT]
+    code = pytest.main(args + (["-k", " or ".join(filters)] if filters else []), plugins=[count])
+    for name in count.failed:
         print(f"failed: {name}")
-    print(f"{passed} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED) and not count.failed:
+        count.failed.append(f"pytest exit code {int(code)}")  # a collection error, or no test ran
+    print(f"{len(count.passed)} passed, {len(count.failed)} failed" +
+          (f", {len(count.skipped)} skipped" if count.skipped else ""))
+    return 1 if count.failed else 0
 
 
 if __name__ == "__main__":

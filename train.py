@@ -1,12 +1,14 @@
 """Train CausalFusion on the latents of extract_latents.py (paper Sec. 3-5, App. B-C).
 
-    python train.py                                              # the demo: built-in shapes, tiny model, CPU
-    python train.py --demo captions --flip false ...            # the captioned demo (docs/multimodal.md)
-    python train.py --demo combinations --flip false ...        # its yardstick: the same images, one class each
-    python train.py --data latents/in256_sd --size L --out runs/L ...               # one GPU
-    torchrun --nproc_per_node=8 train.py --data latents/in256_sd --size L ...      # DDP over 8 GPUs
+    python train.py                                                     # the demo: built-in shapes, tiny model, CPU
+    python train.py configs/demo_captions.py                            # the captioned demo (docs/multimodal.md)
+    python train.py configs/in256_L2_ablation.py --data latents/in256_sd                 # a run of the paper, 1 GPU
+    torchrun --nproc_per_node=8 train.py configs/in256_XL1.py --data latents/in256_mar    # DDP over 8 GPUs
+    torchrun --nproc_per_node=8 train.py configs/in256_XL1.py --data latents/in256_mar --lr 2e-4   # and overrides
 
-A step: the global batch is cut into micro-batches (ranks x grad_accum); each one's draws and losses are
+The defaults below are the CPU demo's; a run on real data (--data) starts from a recipe of configs/, one per run
+of the paper, its values then overridden by any --key value. A step: the global batch (--batch-size) is cut into
+micro-batches of --device-batch-size images, ranks x accumulation of them; each one's draws and losses are
 train_step.py's (the paper's objective, or --objective flow, over the static layout [prefix | all L clean tokens |
 all L noisy tokens]; captioned data trains the multimodal model of paper Sec. 6). Randomness: micro-batch m of step
 s draws from a generator seeded by (seed, s, m), and epoch e's data order from one seeded by (seed, e). So resuming
@@ -18,7 +20,7 @@ curves of train_monitor.py, OUT/curves.png at each checkpoint; also to TensorBoa
 checkpoints and sample grids. --eval-every N measures FID (fid.py) of EMA samples during training.
 """
 import contextlib
-import copy
+import functools
 import json
 import os
 import sys
@@ -34,13 +36,14 @@ from inference import make_diffusion, sample_latents, tokens_to_images
 from images import GRID_PIXELS, save_grid
 from latents import LatentData
 from model import CausalFusion
-from runtime import SEED_TRAIN_STEP, autocast, autocast_dtype, launch, parse_config, seeded, step_indices
+from runtime import (SEED_TRAIN_STEP, ConfigError, autocast, autocast_dtype, launch, micro_batches, parse_config, seeded,
+                     step_indices)
 from train_monitor import (Metrics, RunLog, evaluate_fid, fid_line, fid_record, log_line, log_record, prepare_fid,
                            read_step_stats)
-from train_step import StepOptions, draw_micro_batch, ema_update, forward_losses
+from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses
 from vae import build_vae
 
-# The defaults are the CPU demo's (`python train.py`); the paper's recipes are commands in docs/training.md.
+# The defaults are the CPU demo's (`python train.py`); the paper's runs are the recipes of configs/.
 config = dict(
     data="",  # extraction dir of extract_latents.py; "" = the demo: build the shapes data set under OUT/data
     out="out/demo",  # run dir: ckpt.pt (latest), ckpt_<step>.pt, train.log, samples_<step>.png
@@ -85,7 +88,8 @@ config = dict(
     transfusion=False,  # the paper's baseline (Table 6a): single-step diffusion, captions see the noisy image
     # optimization (App. C)
     batch_size=16,  # global batch, split over ranks and micro-batches (paper: 2048)
-    grad_accum=1,  # micro-batches per rank per step: a big global batch on few GPUs
+    device_batch_size=0,  # images per micro-batch on one GPU; a step accumulates batch_size / (device_batch_size x
+      # ranks) of them, the same update (0 = batch_size / ranks, no accumulation)
     max_steps=2200,  # training steps
     lr=2e-3,  # AdamW learning rate after warmup (paper: 1e-4 at batch 2048)
     betas=(0.9, 0.95),  # AdamW betas
@@ -169,9 +173,7 @@ def check_train_options(cfg, world, device):
     the step's options."""
     dtype = autocast_dtype(cfg["dtype"], device)
     options = StepOptions.from_config(cfg)  # checks the timestep sampling and the loss weighting
-    if cfg["batch_size"] % (world * cfg["grad_accum"]):
-        raise ValueError(f"need --batch-size ({cfg['batch_size']}) divisible by ranks x --grad-accum ({world} x "
-                         f"{cfg['grad_accum']})")
+    micro_batches(cfg["batch_size"], cfg["device_batch_size"], world)
     if cfg["split_per"] not in ("sample", "batch"):
         raise ValueError(f"--split-per must be sample or batch, got {cfg['split_per']!r}")
     if cfg["learn_tokenizer"] and cfg["tokenizer"]:
@@ -180,27 +182,6 @@ def check_train_options(cfg, world, device):
         raise ValueError(f"--noisy-copies must be >= 1 (got {cfg['noisy_copies']}), and --time-token (one timestep "
                          f"per image) goes with neither --per-step-t nor --noisy-copies > 1")
     return dtype, options
-
-
-def build_model(cfg, data, tokenizer, device):
-    """The model for the data (a text model for captions), its EMA copy, trainable parameters and AdamW."""
-    c, h, w = data.latent_shape
-    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
-        raise ValueError(f"--data {cfg['data'] or 'the captioned demo'} holds captions: --noisy-copies and "
-                         f"--time-token (Tables 1 and 7) are ablations of the class-conditional model")
-    text_options = {} if tokenizer is None else dict(text_vocab=tokenizer.vocab_size, text_len=cfg["text_len"],
-                                                     text_sees_noisy=cfg["transfusion"])
-    torch.manual_seed(cfg["seed"])
-    model = CausalFusion(cfg["size"], input_size=h, patch_size=cfg["patch_size"], in_channels=c,
-                         num_classes=data.num_classes, num_cond_tokens=cfg["num_cond_tokens"],
-                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], qk_norm=cfg["qk_norm"],
-                         time_token=cfg["time_token"], **text_options).to(device)
-    model.grad_checkpointing = cfg["grad_checkpointing"]
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
-                                  eps=cfg["adam_eps"], fused=device.type == "cuda")
-    return model, ema, params, optimizer
 
 
 def save_sample_grid(ema, cfg, data, tokenizer, vae, diffusion, autocast, path):
@@ -220,9 +201,11 @@ def save_sample_grid(ema, cfg, data, tokenizer, vae, diffusion, autocast, path):
     save_grid(images, path, ncol=cols, captions=captions, zoom_to=GRID_PIXELS)
 
 
-def train(cfg, rank, world, device):
-    out, micro = cfg["out"], world * cfg["grad_accum"]
+def train(cfg, rank, world, device, recipes=()):
+    out = cfg["out"]
     dtype, options = check_train_options(cfg, world, device)
+    accum, micro_size = micro_batches(cfg["batch_size"], cfg["device_batch_size"], world)
+    micro = world * accum  # micro-batches in a global batch
     diffusion = Diffusion(objective=cfg["objective"])  # training's: the 1000-step schedule, or flow's t in [0, 1]
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
@@ -237,7 +220,11 @@ def train(cfg, rank, world, device):
     data_info = {"vae": data.vae, "vae_ckpt": data.meta.get("vae_ckpt"), "scale_factor": data.scale_factor,
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
-    model, ema, params, optimizer = build_model(cfg, data, tokenizer, device)
+    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
+        raise ValueError(f"--data {cfg['data'] or 'the captioned demo'} holds captions: --noisy-copies and "
+                         f"--time-token (Tables 1 and 7) are ablations of the class-conditional model")
+    model, ema, params, optimizer = build_model(cfg, data.latent_shape, data.num_classes,
+                                                tokenizer.vocab_size if tokenizer else 0, device)
     step, wandb_id = 0, None
     if cfg["resume"]:
         if not os.path.exists(ckpt_path):
@@ -269,14 +256,14 @@ def train(cfg, rank, world, device):
     amp = autocast(dtype, device)
     grid_sampler = make_diffusion(cfg["grid_steps"], cfg["grid_sampler"], cfg["eta"], cfg["spacing"],
                                   cfg["objective"])
-    L, micro_size = model.num_tokens, cfg["batch_size"] // micro
-    log(f"config: {json.dumps(cfg)}")
+    L = model.num_tokens
+    log(f"recipe: {' '.join(recipes) or 'none (the demo)'}; config: {json.dumps(cfg)}")
     what = (f"{len(data)} images with {sum(map(len, data.captions))} captions ({tokenizer.kind} tokenizer, "
             f"{tokenizer.vocab_size} ids, {cfg['text_len']} text tokens)" if tokenizer else
             f"{len(data)} samples of {data.num_classes} classes")
     log(f"data: {data_dir}: {what}, latents {data.latent_shape} ({data.vae}); model: "
         f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters, {L} tokens; "
-        f"{world} rank(s) x {cfg['grad_accum']} micro-batch(es) of {micro_size} on {device} ({dtype})")
+        f"{world} rank(s) x {accum} micro-batch(es) of {micro_size} on {device} ({dtype})")
 
     losses, text_losses, pending, timer, t_start, captions = [], [], [], 0.0, time.time(), [0, 0]  # [cut, seen]
     fids = []  # this process's FIDs (rank 0)
@@ -291,19 +278,19 @@ def train(cfg, rank, world, device):
         # forward and backward over this rank's micro-batches, gradients all-reduced at the last one
         indices = step_indices(step, cfg["batch_size"], len(data), cfg["seed"])
         sums = torch.zeros(3, device=device)  # image loss, text loss sum, text tokens
-        for a in range(cfg["grad_accum"]):
-            m = rank * cfg["grad_accum"] + a  # this micro-batch's place in the global batch
+        for a in range(accum):
+            m = rank * accum + a  # this micro-batch's place in the global batch
             batch = draw_micro_batch(data, model, indices[m * micro_size:(m + 1) * micro_size],
                                      seeded(cfg["seed"], SEED_TRAIN_STEP, step, m), options=options,
                                      diffusion=diffusion, tokenizer=tokenizer)
             captions[0] += batch.pop("truncated", 0)
             captions[1] += micro_size if tokenizer else 0
             b = {k: (x.pin_memory() if pin else x).to(device, non_blocking=True) for k, x in batch.items()}
-            last = a == cfg["grad_accum"] - 1
+            last = a == accum - 1
             with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
                 with amp:
                     loss, image_loss, text_sum, text_count = forward_losses(train_model, model, diffusion, b, options)
-                (loss / cfg["grad_accum"]).backward()
+                (loss / accum).backward()
             sums += torch.stack([image_loss.detach(), zero if text_sum is None else text_sum.detach(),
                                  zero if text_count is None else text_count.float()])
         # clip, update, EMA; the statistics stay on the device until the next log line
@@ -369,10 +356,19 @@ def train(cfg, rank, world, device):
     return summary
 
 
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
 def main(argv=None):
     cfg = dict(config)
-    parse_config(cfg, argv)
-    return launch(cfg, train)
+    recipes = parse_config(cfg, argv, recipes=True)
+    if cfg["data"] and not recipes:  # the defaults are the CPU demo's: on real data they would train nonsense
+        names = " ".join(f"configs/{n}" for n in sorted(os.listdir(RECIPES)) if not n.startswith(("demo", "_")))
+        raise ConfigError(f"--data {cfg['data']} without a recipe: train.py's defaults are the CPU demo's (batch "
+                          f"{config['batch_size']}, lr {config['lr']}, EMA {config['ema_decay']}). Name the paper's "
+                          f"run it follows, one of {names}, as in `python train.py configs/in256_L2_ablation.py "
+                          f"--data {cfg['data']}` (docs/reproducing.md), or a recipe file of your own")
+    return launch(cfg, functools.partial(train, recipes=recipes))
 
 
 if __name__ == "__main__":

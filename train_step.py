@@ -7,6 +7,7 @@ an AR split and timesteps, and takes the AR-weighted MSE of the prediction (eps,
 Sec. 6) puts a caption per example in the prefix, before its image (text-to-image) or after it (captioning, with a
 next-token loss), decided per example by the mask.
 """
+import copy
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import mask
 import tokenization
 from diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
-from model import patchify
+from model import CausalFusion, patchify
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,27 @@ class StepOptions:
     def from_config(cls, cfg):
         """The options of a train.py config dict (its other keys ignored)."""
         return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+
+def build_model(cfg, latent_shape, num_classes, text_vocab, device):
+    """train.py's model for latents of latent_shape (C, H, W) (a text model when text_vocab > 0), seeded by
+    cfg["seed"]; its EMA copy, trainable parameters and AdamW."""
+    c, h, w = latent_shape
+    text_options = dict(text_vocab=text_vocab, text_len=cfg["text_len"],
+                        text_sees_noisy=cfg["transfusion"]) if text_vocab else {}
+    torch.manual_seed(cfg["seed"])
+    model = CausalFusion(cfg["size"], input_size=h, patch_size=cfg["patch_size"], in_channels=c,
+                         num_classes=num_classes, num_cond_tokens=cfg["num_cond_tokens"],
+                         cond_repeat=cfg["cond_repeat"], learn_pos=cfg["learn_pos"], qk_norm=cfg["qk_norm"],
+                         time_token=cfg["time_token"], **text_options)
+    if device is not None:  # None: where it was built (benchmarks/recipes.py's fake tensors)
+        model.to(device)
+    model.grad_checkpointing = cfg["grad_checkpointing"]
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=cfg["betas"], weight_decay=cfg["weight_decay"],
+                                  eps=cfg["adam_eps"], fused=device is not None and torch.device(device).type == "cuda")
+    return model, ema, params, optimizer
 
 
 def draw_micro_batch(data, model, indices, g, options, diffusion, tokenizer=None):

@@ -39,8 +39,8 @@ from runtime import parse_config
 from diffusion import Diffusion
 from inference import make_diffusion, sample_batch, sample_images
 from fid import frechet_distance
-from model import CausalFusion
-from runtime import autocast, autocast_dtype
+from model import CausalFusion, training_flops
+from runtime import autocast, autocast_dtype, device_peak_flops
 from train_step import StepOptions, ema_update, forward_losses
 from vae import build_vae
 
@@ -99,26 +99,6 @@ def timed_rounds(fns, repeats, device):
             times[name].append(time.perf_counter() - start)
     return {name: (statistics.median(times[name]), peaks[name] if device.type == "cuda" else float("nan"))
             for name in fns}
-
-
-def training_flops(model, attn_mask):
-    """Model FLOPs of one training step (3x forward): every matmul, and attention over the allowed pairs only."""
-    D, depth = model.x_proj.out_features, len(model.blocks)
-    n, T, _ = attn_mask.shape
-    L = model.num_tokens
-    matmul = 2 * n * (T * depth * 12 * D * D + 2 * L * model.token_dim * D + L * D * model.token_dim)
-    attention = 4 * D * depth * attn_mask.sum().item()
-    return 3 * (matmul + attention)
-
-
-def peak_flops(cfg, device):
-    if cfg["peak_tflops"]:
-        return cfg["peak_tflops"] * 1e12
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    for key, tflops in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)):
-        if key in name:
-            return tflops * 1e12
-    return 0.0
 
 
 def build_model(cfg, device, **text_options):
@@ -205,8 +185,8 @@ def bench_train(cfg, device, amp):
     for path, (seconds, peak) in timed_rounds(steps, cfg["repeats"], device).items():
         results[path] = dict(steps_per_s=1 / seconds, images_per_s=n / seconds, tokens_per_s=n * L / seconds,
                              peak_mem_gib=peak, tflops=flops / seconds / 1e12)
-        if peak_flops(cfg, device):
-            results[path]["mfu"] = flops / seconds / peak_flops(cfg, device)
+        if device_peak_flops(device, cfg["peak_tflops"]):
+            results[path]["mfu"] = flops / seconds / device_peak_flops(device, cfg["peak_tflops"])
     return results
 
 

@@ -184,7 +184,7 @@ def match_captions(captions_path, metadata_path):
 
 def main(argv=None):
     c = dict(config)
-    paths = parse_config(c, argv, prog="coco.cider")
+    paths = parse_config(c, argv, prog="coco.cider", positional="CAPTIONS.jsonl REFERENCES/metadata.jsonl")
     if len(paths) != 2:
         raise InputError("usage: python -m coco.cider captions.jsonl DIR/metadata.jsonl [--per-image scores.jsonl]")
     candidates, references, sources = match_captions(*paths)

@@ -318,11 +318,9 @@ MAKERS = dict(prompts=make_prompts, images=make_images, karpathy=make_karpathy)
 
 def main(argv=None):
     cfg = dict(config)
-    extra = parse_config(cfg, argv, prog="coco.prepare")
+    parse_config(cfg, argv, prog="coco.prepare")
     if cfg["make"] not in MAKERS:
         raise InputError(f"--make: expected one of {', '.join(MAKERS)}, got {cfg['make']!r}")
-    if extra:
-        raise InputError(f"unexpected argument(s) {' '.join(extra)}: every input is an option (--key value)")
     cfg["out"] = cfg["out"] or DEFAULT_OUT[cfg["make"]]
     return MAKERS[cfg["make"]](cfg)
 

@@ -32,7 +32,7 @@ from finetune.caption_head import CaptionHead
 from finetune.common import (body_tokens, data_parallel, describe_run, learning_rate, load_body, mean_latents,
                              mean_loss, open_run_dir, optimizer_step, resume_run, save_run, steps_in_epoch, summarize)
 from latents import LatentData
-from runtime import autocast, autocast_dtype, launch, parse_config, step_indices
+from runtime import autocast, autocast_dtype, launch, micro_batches, parse_config, step_indices
 
 config = dict(
     ckpt="",  # the pretrained train.py checkpoint, class-conditional or text (required)
@@ -50,7 +50,8 @@ config = dict(
     caption_dropout=0.1,  # dropout of the caption head (embeddings, attention, MLPs)
     caption_betas=(0.9, 0.999),  # optimizer momentum: AdamW betas
     caption_batch_size=256,  # batch size (global, split over ranks and micro-batches)
-    grad_accum=1,  # micro-batches per rank per step
+    device_batch_size=0,  # images per micro-batch on one GPU; a step accumulates batch / (device_batch_size x
+      # ranks) of them, the same update (0 = batch / ranks)
     caption_epochs=20,  # training epochs
     caption_warmup_epochs=0.0,  # warmup epochs (left blank in Table 13: none), then cosine decay to 0
     caption_freeze_body=False,  # the body frozen (no gradient, features without a graph); else at --caption-body-lr
@@ -222,10 +223,10 @@ def finetune(cfg, rank, world, device):
     """Fine-tune the captioner on this rank; returns {cider, best_cider, history} of the held-out evaluations."""
     # the model on the pretrained body, its optimizer and the recipe's numbers
     model, meta, optimizer, recipe, tok, text_len = build_captioner(cfg, device)
-    batch, micro = recipe["batch_size"], world * cfg["grad_accum"]
+    batch = recipe["batch_size"]
+    accum, _ = micro_batches(batch, cfg["device_batch_size"], world)
+    micro = world * accum  # micro-batches in a global batch
     dtype = autocast_dtype(cfg["dtype"], device)
-    if batch % micro:
-        raise ValueError(f"need the batch ({batch}) divisible by ranks x --grad-accum ({world} x {cfg['grad_accum']})")
     # the run folder, the data, and where a resumed run stands
     ckpt_path, log = open_run_dir(cfg["out"], cfg["resume"], rank)
     train_data, val_data = open_caption_data(cfg, meta, rank)
@@ -266,7 +267,7 @@ def finetune(cfg, rank, world, device):
         lr = learning_rate(step, steps_per_epoch, recipe)
         chosen = step_indices(step, batch, len(train_data), cfg["seed"])
         losses.append(optimizer_step(train_model, optimizer, micro_loss, chosen, step=step, lr=lr, seed=cfg["seed"],
-                                     grad_accum=cfg["grad_accum"], rank=rank, world=world, device=device))
+                                     grad_accum=accum, rank=rank, world=world, device=device))
         step += 1
         bar.update()
         epoch, within = divmod(step, steps_per_epoch)

@@ -31,7 +31,7 @@ import demos
 from finetune.common import (body_tokens, data_parallel, describe_run, learning_rate, load_body, mean_latents,
                              mean_loss, open_run_dir, optimizer_step, resume_run, save_run, steps_in_epoch, summarize)
 from latents import LatentData
-from runtime import autocast, autocast_dtype, launch, parse_config, step_indices
+from runtime import autocast, autocast_dtype, launch, micro_batches, parse_config, step_indices
 
 config = dict(
     ckpt="",  # the pretrained train.py checkpoint (required)
@@ -45,7 +45,8 @@ config = dict(
     probe=False,  # linear probe (frozen body, LARS) instead of end-to-end fine-tuning
     # MAE's fine-tuning recipe (paper Table 12, their names): the defaults are its values for L
     batch_size=1024,  # global batch, split over ranks and micro-batches
-    grad_accum=1,  # micro-batches per rank per step (MAE's accum_iter)
+    device_batch_size=0,  # images per micro-batch on one GPU; a step accumulates batch / (device_batch_size x
+      # ranks) of them, the same update (0 = batch / ranks)
     epochs=50,  # training epochs (MAE: 100 for B)
     warmup_epochs=5,  # linear lr warmup, then cosine decay to min_lr
     blr=1e-3,  # base learning rate: lr = blr * batch_size / 256 (MAE: 5e-4 for B)
@@ -269,10 +270,10 @@ def finetune(cfg, rank, world, device):
     """Fine-tune (or probe) on this rank; returns {top1, best_top1, history} of the held-out evaluations."""
     # the model on the pretrained body, its optimizer and the recipe's numbers
     model, meta, optimizer, recipe = build_classifier(cfg, device)
-    num_classes, batch, micro = meta["num_classes"], recipe["batch_size"], world * cfg["grad_accum"]
+    num_classes, batch = meta["num_classes"], recipe["batch_size"]
+    accum, _ = micro_batches(batch, cfg["device_batch_size"], world)
+    micro = world * accum  # micro-batches in a global batch
     dtype = autocast_dtype(cfg["dtype"], device)
-    if batch % micro:
-        raise ValueError(f"need the batch ({batch}) divisible by ranks x --grad-accum ({world} x {cfg['grad_accum']})")
     # the run folder, the data, and where a resumed run stands
     ckpt_path, log = open_run_dir(cfg["out"], cfg["resume"], rank)
     train_data, indices, val_data = open_classify_data(cfg, meta, rank)
@@ -302,7 +303,7 @@ def finetune(cfg, rank, world, device):
         lr = learning_rate(step, steps_per_epoch, recipe)
         chosen = indices[step_indices(step, batch, len(indices), cfg["seed"])]
         losses.append(optimizer_step(train_model, optimizer, micro_loss, chosen, step=step, lr=lr, seed=cfg["seed"],
-                                     grad_accum=cfg["grad_accum"], rank=rank, world=world, device=device))
+                                     grad_accum=accum, rank=rank, world=world, device=device))
         step += 1
         bar.update()
         epoch, within = divmod(step, steps_per_epoch)

@@ -3,6 +3,7 @@
 import contextlib
 import math
 
+import pytest
 import torch
 
 import diffusion
@@ -27,7 +28,7 @@ def test_config_overrides():
     from runtime import ConfigError, parse_config
     cfg = dict(lr=1e-4, size="T", steps=250, compile=False, resume=False, interval=(0.0, 1000.0), classes=[], ckpt=None)
     rest = parse_config(cfg, ["a.npz", "--lr=3e-4", "--size", "L", "--compile", "--resume", "false", "--interval",
-                              "100", "800", "--classes", "3", "-1", "--ckpt", "x.pt", "b.npz"])
+                              "100", "800", "--classes", "3", "-1", "--ckpt", "x.pt", "b.npz"], positional="A B")
     assert rest == ["a.npz", "b.npz"]
     assert cfg == dict(lr=3e-4, size="L", steps=250, compile=True, resume=False, interval=(100.0, 800.0),
                        classes=["3", "-1"], ckpt="x.pt")
@@ -46,6 +47,42 @@ def test_config_overrides():
         assert str(e).startswith("unknown option --gama: did you mean --gamma?"), e
     else:
         raise AssertionError("--gama was accepted")
+
+
+def test_config_stray_words_and_recipes(tmp_path):
+    """A word that is not an option is an error naming it, unless the script takes words or recipes; a recipe's
+    keys apply before every --key value wherever it stands; a bad recipe names its file and line."""
+    from runtime import ConfigError, parse_config
+    with pytest.raises(ConfigError, match=r"unexpected word 'latents/x' \(after 3\)"):
+        parse_config(dict(steps=1), ["--steps", "3", "latents/x"])
+    recipe = tmp_path / "run.py"
+    recipe.write_text("_EPOCH = 625  # a helper of the file's own\nsteps = 240 * _EPOCH\nlr = 1\nbetas = [0.9, 0.5]\n")
+    cfg = dict(steps=1, lr=0.5, betas=(0.9, 0.95), size="T")
+    words = parse_config(cfg, ["--lr", "3e-4", str(recipe), "--size", "L"], recipes=True)
+    assert words == [str(recipe)] and cfg == dict(steps=150_000, lr=3e-4, betas=(0.9, 0.5), size="L")
+    assert type(cfg["betas"]) is tuple
+    for text, message in (("steps = 2\nstpes = 3\n", r"run\.py, line 2: unknown key stpes: did you mean --steps"),
+                          ("steps = '2'\n", r"run\.py, line 1: steps = '2': expected int"),
+                          ("lr = True\n", r"line 1: lr = True: expected float"),
+                          ("steps = 2\nsteps = (\n", r"run\.py, line 2: SyntaxError"),
+                          ("steps = 1\nsteps = 1 // 0\n", r"run\.py, line 2: ZeroDivisionError")):
+        recipe.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            parse_config(dict(steps=1, lr=0.5), [str(recipe)], recipes=True)
+    with pytest.raises(ConfigError, match="recipe .*missing.py: No such file"):
+        parse_config(dict(steps=1), [str(tmp_path / "missing.py")], recipes=True)
+    with pytest.raises(ConfigError, match="unexpected word 'notes.txt'"):
+        parse_config(dict(steps=1), ["notes.txt"], recipes=True)
+
+
+def test_micro_batches_name_all_three():
+    from runtime import micro_batches
+    assert micro_batches(2048, 32, 8) == (8, 32) and micro_batches(2048, 0, 8) == (1, 256)
+    assert micro_batches(16, 0, 1) == (1, 16)
+    for batch, micro, world in ((2048, 48, 8), (10, 0, 4), (8, 16, 1)):
+        with pytest.raises(ValueError, match=f"--batch-size {batch} must be a multiple of --device-batch-size "
+                                             f"{micro} x {world} rank"):
+            micro_batches(batch, micro, world)
 
 
 def test_config_help_prints_each_keys_comment():

@@ -169,14 +169,14 @@ def test_finetune_resumes_exactly_and_probes():
                                                   (["--batch-size", "4096"], "batch")))
 
 
-def test_torchrun_two_ranks_match_grad_accum():
+def test_torchrun_two_ranks_match_accumulation():
     # 2 ranks draw micro-batches 0 and 1 of each step, as one process accumulating 2; the held-out accuracy is
     # counted over both ranks' shares
     ckpt, data = pretrained()
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "1",
             "--warmup-epochs", "1", "--blr", "0.05"]
     with tempfile.TemporaryDirectory() as tmp:
-        one = classify.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        one = classify.main(args + ["--out", os.path.join(tmp, "one"), "--device-batch-size", "4"])
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                               "-m", "finetune.classify", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)

@@ -29,9 +29,7 @@ from latents import LatentData, extract
 from model import CausalFusion, patchify
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
-TINY = ["--size", "T", "--patch-size", "2", "--num-cond-tokens", "4", "--batch-size", "8", "--lr", "1e-3",
-        "--warmup-steps", "2", "--ema-decay", "0.9", "--log-every", "1", "--grid-every", "0", "--grid-classes", "2",
-        "--grid-per-class", "1", "--grid-steps", "2", "--eval-per-class", "0"]
+TINY = [os.path.join(ROOT, "tests", "recipe_tiny.py")]  # the tests' recipe: the tiny model, batch 8, a log line a step
 
 
 def _tiny_data(root, size=8, per_class=4):
@@ -92,7 +90,7 @@ def test_ddp_two_processes_match_one_process():
     # draws the same ones, so the rank-averaged loss and the weights agree to float rounding
     with tempfile.TemporaryDirectory() as tmp:
         args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "3"]
-        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--device-batch-size", "4"])
         env = dict(os.environ, OMP_NUM_THREADS="1")
         run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                               "train.py", *args, "--out", os.path.join(tmp, "two")],
@@ -231,7 +229,7 @@ def test_caption_demo_and_its_yardstick_run_end_to_end():
     # --demo captions (with a learned BPE) and --demo combinations, its class-conditional yardstick on the same
     # images: their closing figures, each attribute and all four at once
     with tempfile.TemporaryDirectory() as tmp:
-        common = TINY[:-2] + ["--demo-image-size", "16", "--demo-images", "64", "--max-steps", "3", "--flip", "false",
+        common = TINY + ["--demo-image-size", "16", "--demo-images", "64", "--max-steps", "3", "--flip", "false",
                               "--eval-per-class", "4"]
         text = train.main(common + ["--demo", "captions", "--learn-tokenizer", "400", "--text-len", "10",
                                     "--out", os.path.join(tmp, "t")])
@@ -749,7 +747,7 @@ def test_two_nodes_match_one_process():
     import socket
     with tempfile.TemporaryDirectory() as tmp:
         args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "2"]
-        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--grad-accum", "2"])
+        one = train.main(args + ["--out", os.path.join(tmp, "one"), "--device-batch-size", "4"])
         with socket.socket() as s:  # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

@@ -25,7 +25,7 @@ def run_names(paths):
 
 def main(argv=None):
     c = dict(config)
-    paths = parse_config(c, argv, prog="tools.curves")
+    paths = parse_config(c, argv, prog="tools.curves", positional="RUN [RUN ...]")
     if not paths:
         raise ValueError("usage: python -m tools.curves RUN [RUN ...] [--out curves.png]; a RUN is a train.py --out "
                          "folder or its metrics.jsonl")

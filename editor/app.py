@@ -738,7 +738,11 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a clean stop
-        pass
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, after main() closed the socket
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # skips the interpreter's teardown: torch's C++ teardown at exit aborts now and then ("terminate called
+        # without an active exception", 2 of 80 stops measured on CPU), and nothing is left to save
+        os._exit(0)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:  # bad options or files, a port in use
         sys.exit(f"editor/app.py: error: {e}")

@@ -320,9 +320,13 @@ def test_editor_text_model_prompts_and_captions():
                     + [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(v))])
         assert [json.loads(line)["text"] for line in open(jsonl)] == [caption]
     for body, words in (({"class": 1}, "class: this is a text model"), ({}, "prompt: expected a non-empty string"),
-                        ({"prompt": "a long prompt of many bytes"}, "prompt: 29 tokens with BOS and EOS")):
+                        ({"prompt": "a long prompt of many bytes"}, "prompt: 29 tokens with BOS and EOS"),
+                        ({"prompt": "x" * 5000}, f"prompt: 5000 characters, more than the {app.MAX_PROMPT_CHARS}")):
         status, answer = request(httpd, "POST", "/api/generate", body)
         assert status == 400 and answer["error"].startswith(words), answer
+    # a temperature that would overflow the logits it divides
+    status, answer = request(httpd, "POST", "/api/caption", {"image": generated["image"], "temperature": 1e-300})
+    assert status == 400 and answer["error"].startswith("temperature and top_k: expected 0 (greedy) or >= 0.01"), answer
 
 
 def test_editor_bad_input_gets_400_and_the_server_goes_on():
@@ -470,15 +474,18 @@ def test_editor_authors_checkpoint_with_its_vae():
 
 
 def test_editor_command_line():
-    # Ctrl-C and SIGTERM stop it (exit 0, the port freed, no traceback), also when started as a background job
-    # (nohup ... &) is: SIGINT ignored, and here both signals blocked too
+    # Ctrl-C and SIGTERM stop it (exit 0, the port freed, no traceback) whatever it inherits: started here as a
+    # background job (nohup ... &) starts, SIGINT ignored, and both signals blocked too
     _, path = overfit_model()
     inherited = "signal.signal(signal.SIGINT, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, " \
                 "{signal.SIGINT, signal.SIGTERM})"
-    servers = [start_editor(path, inherited) for _ in range(2)]
-    for (proc, site, log), signum in zip(servers, (signal.SIGINT, signal.SIGTERM)):
-        assert ok(site, "/api/info")["grid"] == 4
-        stop_editor(proc, site, log, signum)
+    (proc, site, log), (busy, busy_site, busy_log) = [start_editor(path, inherited) for _ in range(2)]
+    assert ok(site, "/api/info")["grid"] == 4
+    stop_editor(proc, site, log, signal.SIGINT)
+    with socket.create_connection(busy_site.server_address, timeout=30) as sock:  # SIGTERM while a request computes
+        sock.sendall(post_bytes(busy_site.server_address[1], "/api/generate", b'{"steps": 1000, "ar_steps": 4}'))
+        wait_until(lambda: ok(busy_site, "/api/progress")["busy"])
+        stop_editor(busy, busy_site, busy_log, signal.SIGTERM)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     missing = os.path.join(TMP.name, "none.pt")
     done = subprocess.run([sys.executable, "-m", "editor.app", "--ckpt", missing], cwd=ROOT, env=env,

@@ -479,13 +479,20 @@ def test_editor_command_line():
     _, path = overfit_model()
     inherited = "signal.signal(signal.SIGINT, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, " \
                 "{signal.SIGINT, signal.SIGTERM})"
-    (proc, site, log), (busy, busy_site, busy_log) = [start_editor(path, inherited) for _ in range(2)]
-    assert ok(site, "/api/info")["grid"] == 4
-    stop_editor(proc, site, log, signal.SIGINT)
-    with socket.create_connection(busy_site.server_address, timeout=30) as sock:  # SIGTERM while a request computes
-        sock.sendall(post_bytes(busy_site.server_address[1], "/api/generate", b'{"steps": 1000, "ar_steps": 4}'))
-        wait_until(lambda: ok(busy_site, "/api/progress")["busy"])
-        stop_editor(busy, busy_site, busy_log, signal.SIGTERM)
+    servers = [start_editor(path, inherited) for _ in range(2)]
+    (proc, site, log), (busy, busy_site, busy_log) = servers
+    try:
+        assert ok(site, "/api/info")["grid"] == 4
+        stop_editor(proc, site, log, signal.SIGINT)
+        with socket.create_connection(busy_site.server_address, timeout=30) as sock:  # SIGTERM while one computes
+            sock.sendall(post_bytes(busy_site.server_address[1], "/api/generate", b'{"steps": 1000, "ar_steps": 4}'))
+            wait_until(lambda: ok(busy_site, "/api/progress")["busy"])
+            stop_editor(busy, busy_site, busy_log, signal.SIGTERM)
+    finally:
+        for server_process, _, _ in servers:  # none left running when a stop fails
+            if server_process.poll() is None:
+                server_process.kill()
+                server_process.wait()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     missing = os.path.join(TMP.name, "none.pt")
     done = subprocess.run([sys.executable, "-m", "editor.app", "--ckpt", missing], cwd=ROOT, env=env,

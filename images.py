@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 GRID_PIXELS = 64  # grids show small images (the demos' 12 and 16 px) zoomed to about this size
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
+SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I")  # PIL's modes of a 16-bit greyscale PNG (I: older Pillow)
 
 
 def center_crop(img, size):
@@ -21,11 +22,19 @@ def center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
+def to_8bit(img):
+    """A 16-bit greyscale image as L, by its high byte (as PIL reads 16-bit RGB); other modes as they are.
+    convert() would clip its values to 255: a dark 16-bit image would turn white."""
+    if img.mode not in SIXTEEN_BIT_GREY:
+        return img
+    return Image.fromarray((np.asarray(img).clip(0, 2 ** 16 - 1) >> 8).astype(np.uint8))
+
+
 def read_image(path, option):
     """An image file as RGB; one that cannot be read is a ValueError naming the option and the file."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() decodes: a truncated file raises here
+            return to_8bit(img).convert("RGB")  # decodes: a truncated file raises here
     except FileNotFoundError:
         raise FileNotFoundError(f"{option} {path}: no such file") from None
     except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for files it cannot decode

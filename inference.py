@@ -23,6 +23,7 @@ import mask
 import tokenization
 from checkpoint import load_checkpoint
 from diffusion import SAMPLERS_OF, Diffusion
+from images import to_8bit
 from model import patchify, unpatchify
 from vae import SCALE_FACTORS, build_vae
 
@@ -250,8 +251,8 @@ def region_masks(grid):
 
 def snap_mask(image, grid):
     """A mask image (PIL, any mode) -> (grid, grid) bool: True for the tokens whose pixels average white (>= 128
-    after converting to grayscale)."""
-    gray = image.convert("L").resize((grid, grid), Image.BOX)  # average over each token's pixels
+    after converting to grayscale; 16-bit: of its high byte)."""
+    gray = to_8bit(image).convert("L").resize((grid, grid), Image.BOX)  # average over each token's pixels
     return torch.from_numpy(np.asarray(gray) >= 128)
 
 

@@ -8,19 +8,24 @@ runs the browser test on that pixel-space checkpoint (the demo model of `python 
 """
 import argparse
 import base64
+import contextlib
 import functools
 import http.client
 import io
 import json
 import os
+import re
+import select
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import types
 
 import numpy as np
 import torch
@@ -33,6 +38,9 @@ from test_core import _authors_state_dict
 from test_sample import ROOT, TMP, overfit_model, random_model, save_ckpt, text_model
 
 MAX_REQUEST_MB = 0.05  # the test servers refuse bodies over 50 KiB: the tiny images fit, the size test does not
+DEADLINE_S = 1.5  # --request-timeout of the servers that test slow and silent clients
+# the growth of a server's peak resident memory while it refuses a hostile image (decoding it would take 100s of MB)
+REFUSAL_MB = 16
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -51,12 +59,13 @@ def server(ckpt, **overrides):
     return httpd
 
 
-def request(httpd, method, path, body=None):
-    """(status, JSON answer) of one request; body: a dict (sent as JSON) or raw bytes."""
+def request(httpd, method, path, body=None, headers=None):
+    """(status, JSON answer) of one request; body: a dict (sent as JSON) or raw bytes; headers: more or others."""
     host, port = httpd.server_address[:2]
     conn = http.client.HTTPConnection(host, port, timeout=120)
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json"} if data is not None else {})
+    conn.request(method, path, body=data, headers={**({"Content-Type": "application/json"} if data is not None else {}),
+                                                   **(headers or {})})
     res = conn.getresponse()
     answer = json.loads(res.read())
     conn.close()
@@ -69,9 +78,98 @@ def ok(httpd, path, body=None):
     return answer
 
 
+def raw_request(port, data, close_sending=False):
+    """(status, JSON answer, headers) of the bytes `data` sent on one connection; close_sending: then close this
+    side's sending (the server reads the end of the request)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        sock.sendall(data)
+        if close_sending:
+            sock.shutdown(socket.SHUT_WR)
+        return read_answer(sock)
+
+
+def read_answer(sock):
+    answer = b""
+    while chunk := sock.recv(2 ** 16):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), head.decode("iso-8859-1")
+
+
+def post_bytes(port, path, body, content_length=None):
+    """The bytes of a POST of body (bytes) with the Content-Length header content_length (default: its length)."""
+    length = str(len(body)).encode() if content_length is None else content_length
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n".encode() +
+            b"Content-Length: " + length + b"\r\n\r\n" + body)
+
+
+@contextlib.contextmanager
+def server_log(httpd):
+    """The log of an in-process server (its real handler's lines, and any traceback) while in the block."""
+    log = io.StringIO()
+    httpd.RequestHandlerClass = app.Handler
+    try:
+        with contextlib.redirect_stderr(log):
+            yield log
+    finally:
+        httpd.RequestHandlerClass = QuietHandler
+
+
+def still_serving(httpd):
+    assert ok(httpd, "/api/info")["image_size"] == 8
+
+
+def wait_until(condition, timeout=60):
+    """condition()'s first true value, asked every 10 ms (an AssertionError after timeout seconds)."""
+    end = time.time() + timeout
+    while not (value := condition()):
+        assert time.time() < end, "timed out"
+        time.sleep(0.01)
+    return value
+
+
+def start_editor(ckpt, inherited=""):
+    """A server process `python -m editor.app --ckpt ckpt --port 0`, exec'd after the Python statements
+    `inherited` (signal dispositions it inherits); (process, an object with its server_address, its log file)."""
+    log = os.path.join(tempfile.mkdtemp(dir=TMP.name), "server.log")
+    code = f"import os, signal, sys\n{inherited}\nos.execv(sys.executable, sys.argv[1:])"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "-c", code, sys.executable, "-m", "editor.app", "--ckpt", ckpt,
+                                 "--port", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    line = proc.stdout.readline()
+    assert "open http://127.0.0.1:" in line, line + open(log).read()
+    port = int(line.split("http://127.0.0.1:")[1].split()[0])
+    return proc, types.SimpleNamespace(server_address=("127.0.0.1", port)), log
+
+
+def stop_editor(proc, site, log, signum=signal.SIGTERM):
+    """Stop a server process with signum: it exits 0, without a traceback, and its port is free."""
+    try:
+        proc.send_signal(signum)
+        assert proc.wait(timeout=30) == 0, open(log).read()
+    finally:
+        if proc.poll() is None:  # it did not stop
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert "Traceback" not in open(log).read(), open(log).read()
+    try:
+        socket.create_connection(site.server_address, timeout=10).close()
+        raise AssertionError(f"port {site.server_address[1]} still open")
+    except ConnectionRefusedError:
+        pass
+
+
+def peak_memory_mb(pid):
+    """(resident memory, its peak) of a process in MiB: VmRSS and VmHWM of /proc/PID/status."""
+    status = open(f"/proc/{pid}/status").read()
+    return tuple(int(re.search(rf"{key}:\s+(\d+) kB", status).group(1)) / 1024 for key in ("VmRSS", "VmHWM"))
+
+
 def to_url(pixels, fmt="PNG"):
     buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, fmt)
+    (pixels if isinstance(pixels, Image.Image) else Image.fromarray(pixels)).save(buffer, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
@@ -222,9 +320,13 @@ def test_editor_text_model_prompts_and_captions():
                     + [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(v))])
         assert [json.loads(line)["text"] for line in open(jsonl)] == [caption]
     for body, words in (({"class": 1}, "class: this is a text model"), ({}, "prompt: expected a non-empty string"),
-                        ({"prompt": "a long prompt of many bytes"}, "prompt: 29 tokens with BOS and EOS")):
+                        ({"prompt": "a long prompt of many bytes"}, "prompt: 29 tokens with BOS and EOS"),
+                        ({"prompt": "x" * 5000}, f"prompt: 5000 characters, more than the {app.MAX_PROMPT_CHARS}")):
         status, answer = request(httpd, "POST", "/api/generate", body)
         assert status == 400 and answer["error"].startswith(words), answer
+    # a temperature that would overflow the logits it divides
+    status, answer = request(httpd, "POST", "/api/caption", {"image": generated["image"], "temperature": 1e-300})
+    assert status == 400 and answer["error"].startswith("temperature and top_k: expected 0 (greedy) or >= 0.01"), answer
 
 
 def test_editor_bad_input_gets_400_and_the_server_goes_on():
@@ -260,7 +362,7 @@ def test_editor_bad_input_gets_400_and_the_server_goes_on():
         ("/api/edit", dict(good, mask=to_url(0 * mask)), "mask: regenerates 0 of 16 tokens"),
         ("/api/edit", dict(good, mask=to_url(0 * mask + 255)), "mask: regenerates 16 of 16 tokens"),
         ("/api/edit", dict(good, image="data:image/gif;base64," + base64.b64encode(gif.getvalue()).decode()),
-         "image: expected a PNG or JPEG image, got GIF"),
+         f"image: expected a PNG or JPEG image, got {len(gif.getvalue())} bytes of neither"),  # no GIF decoder runs
         ("/api/edit", dict(good, image="data:image/png;base64,aGVsbG8="), "image: expected a PNG or JPEG image, got"),
         ("/api/edit", dict(good, image="data:image/png;base64,%%%"), "image: the data URL's base64 does not decode"),
         ("/api/edit", dict(good, image="/etc/passwd"), "image: expected a base64 data URL"),
@@ -372,32 +474,323 @@ def test_editor_authors_checkpoint_with_its_vae():
 
 
 def test_editor_command_line():
+    # Ctrl-C and SIGTERM stop it (exit 0, the port freed, no traceback) whatever it inherits: started here as a
+    # background job (nohup ... &) starts, SIGINT ignored, and both signals blocked too
     _, path = overfit_model()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "editor.app", "--ckpt", path, "--port", "0"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    inherited = "signal.signal(signal.SIGINT, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, " \
+                "{signal.SIGINT, signal.SIGTERM})"
+    servers = [start_editor(path, inherited) for _ in range(2)]
+    (proc, site, log), (busy, busy_site, busy_log) = servers
     try:
-        line = proc.stdout.readline()
-        assert "open http://127.0.0.1:" in line, line + proc.stderr.read()
-        port = int(line.split("http://127.0.0.1:")[1].split()[0])
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.request("GET", "/api/info")
-        assert json.loads(conn.getresponse().read())["grid"] == 4
+        assert ok(site, "/api/info")["grid"] == 4
+        stop_editor(proc, site, log, signal.SIGINT)
+        with socket.create_connection(busy_site.server_address, timeout=30) as sock:  # SIGTERM while one computes
+            sock.sendall(post_bytes(busy_site.server_address[1], "/api/generate", b'{"steps": 1000, "ar_steps": 4}'))
+            wait_until(lambda: ok(busy_site, "/api/progress")["busy"])
+            stop_editor(busy, busy_site, busy_log, signal.SIGTERM)
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        for server_process, _, _ in servers:  # none left running when a stop fails
+            if server_process.poll() is None:
+                server_process.kill()
+                server_process.wait()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     missing = os.path.join(TMP.name, "none.pt")
     done = subprocess.run([sys.executable, "-m", "editor.app", "--ckpt", missing], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and f"editor/app.py: error: {missing}: no such checkpoint file" in done.stderr and \
         "Traceback" not in done.stderr, done.stderr
     for args, words in (([], "--ckpt is required"), (["--ckpt", path, "--colour", "red"], "unknown option --colour"),
-                        (["--ckpt", path, "--max-request-mb", "0"], "--max-request-mb must be > 0")):
+                        (["--ckpt", path, "--max-request-mb", "0"], "--max-request-mb must be > 0"),
+                        (["--ckpt", path, "--request-timeout", "0"], "--request-timeout must be > 0"),
+                        (["--ckpt", path, "--max-waiting", "-1"], "--max-waiting must be >= 0")):
         try:
             app.main(args)
             raise AssertionError(f"no error for {args}")
         except ValueError as e:
             assert words in str(e), (args, str(e))
+
+
+# ------------------------------------------------------------------------------------------ hostile requests
+# one test per probe of issue 33, each against a running server on a tiny checkpoint; /api/info answers after each
+def test_editor_refuses_wide_and_tall_images_before_decoding():
+    # a W x 1 PNG (a few hundred bytes) would be resized to (W * size) x size by the centre crop: refused from its
+    # header, the server's peak memory does not grow; the largest accepted images decode one request at a time
+    proc, site, log = start_editor(random_model()[1])
+    try:
+        mask = np.zeros((8, 8), np.uint8)
+        mask[:4] = 255
+        _, peak = peak_memory_mb(proc.pid)
+        for w, h in ((1_000_000, 1), (1, 1_000_000)):
+            image = to_url(np.zeros((h, w), np.uint8))
+            for path_, body in (("/api/crop", {"image": image}),
+                                ("/api/edit", {"image": image, "mask": to_url(mask), "class": 0})):
+                status, answer = request(site, "POST", path_, body)
+                assert status == 400 and answer["error"].startswith(
+                    f"image: {w}x{h} pixels: one side is more than {app.MAX_ASPECT} times the other"), answer
+                still_serving(site)
+        grown = peak_memory_mb(proc.pid)[1] - peak
+        assert grown < REFUSAL_MB, f"the peak resident memory grew by {grown:.0f} MiB"
+        # 4 uploads at once of the largest image accepted (RGB: 8 bytes per pixel decoded, 134 MB): one decodes at a
+        # time, the peak grows by one decoding, not four
+        rss, _ = peak_memory_mb(proc.pid)
+        largest = to_url(np.zeros((4096, 4096, 3), np.uint8))
+        answers, crop = [], lambda: answers.append(request(site, "POST", "/api/crop", {"image": largest}))
+        threads = [threading.Thread(target=crop) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [status for status, _ in answers] == [200] * 4, answers
+        one, stated = 8 * 4096 * 4096 / 2 ** 20, ok(site, "/api/info")["memory_mb"]["request"]
+        grown = peak_memory_mb(proc.pid)[1] - rss
+        assert one / 2 < grown < min(1.5 * one, stated), f"the peak resident memory grew by {grown:.0f} MiB"
+        still_serving(site)
+    finally:
+        stop_editor(proc, site, log)
+
+
+def test_editor_checks_sizes_before_decoding_a_mask():
+    # a 7000 x 7000 1-bit PNG (8 KB) is refused from its header as an image and as a mask, and a mask of the wrong
+    # size under the pixel limit (4096 x 4096, 1-bit) is refused before it is decoded (+32 MB if decoded)
+    proc, site, log = start_editor(random_model()[1])
+    try:
+        small = to_url(noise_image(8, 0))
+        _, peak = peak_memory_mb(proc.pid)
+        huge, large = to_url(Image.new("1", (7000, 7000))), to_url(Image.new("1", (4096, 4096), 1))
+        for body, words in (({"image": huge}, f"image: 7000x7000 pixels, more than the {app.MAX_PIXELS} accepted"),
+                            ({"image": small, "mask": huge}, "mask: 7000x7000 pixels, more than"),
+                            ({"image": small, "mask": large}, "mask: expected a 8x8 PNG (the model's image size; white "
+                                                              "= regenerate), got 4096x4096")):
+            status, answer = request(site, "POST", "/api/edit", dict(body, **{"class": 0}))
+            assert status == 400 and answer["error"].startswith(words), (answer, words)
+            still_serving(site)
+        grown = peak_memory_mb(proc.pid)[1] - peak
+        assert grown < REFUSAL_MB, f"the peak resident memory grew by {grown:.0f} MiB"
+    finally:
+        stop_editor(proc, site, log)
+
+
+def test_editor_answers_only_its_own_origin():
+    # another Host (a DNS-rebinding page reading the answers), another site's Origin or a form's Content-Type (a
+    # page the user visits making the server compute) are refused; the server's own names, and --allow-host's
+    # (an SSH tunnel to another port), are answered
+    path = random_model()[1]
+    httpd = server(path)
+    port = httpd.server_address[1]
+    crop = {"image": to_url(noise_image(8, 0))}
+    for method, headers, body, status_, words in (
+            ("GET", {"Host": "evil.example"}, None, 403, "Host: \"evil.example\" is not this server's address"),
+            ("GET", {"Host": f"evil.example:{port}"}, None, 403, "Host: "),
+            ("POST", {"Host": "evil.example"}, crop, 403, "Host: "),
+            ("POST", {"Origin": "https://evil.example"}, crop, 403, "Origin: \"https://evil.example\" is not this "
+                                                                    "server's page"),
+            ("POST", {"Origin": "null"}, crop, 403, "Origin: "),
+            ("POST", {"Content-Type": "text/plain"}, crop, 415, "Content-Type: expected application/json, got "
+                                                                 "\"text/plain\""),
+            ("POST", {"Content-Type": "application/x-www-form-urlencoded"}, crop, 415, "Content-Type: ")):
+        status, answer = request(httpd, method, "/api/info" if method == "GET" else "/api/crop", body, headers)
+        assert status == status_ and answer["error"].startswith(words), (headers, status, answer)
+        still_serving(httpd)
+    for headers in ({"Host": f"localhost:{port}"}, {"Origin": f"http://127.0.0.1:{port}"},
+                    {"Origin": f"http://localhost:{port}", "Host": f"LOCALHOST:{port}"},
+                    {"Content-Type": "application/json; charset=utf-8"}):
+        assert request(httpd, "POST", "/api/crop", crop, headers)[0] == 200, headers
+    tunnelled = server(path, allow_host=("localhost:9000",))
+    headers = {"Host": "localhost:9000", "Origin": "http://localhost:9000"}
+    assert request(tunnelled, "POST", "/api/crop", crop, headers)[0] == 200
+    assert request(tunnelled, "GET", "/api/info", None, {"Host": "localhost:9001"})[0] == 403
+    assert request(httpd, "GET", "/api/info", None, headers)[0] == 403  # the name is only the tunnelled server's
+
+
+def test_editor_bounds_compute_and_stops_the_work_of_a_gone_client():
+    path = random_model()[1]
+    httpd = server(path, max_waiting=1)
+    info = ok(httpd, "/api/info")
+    cap = info["max_request_steps"]
+    assert cap == app.config["max_request_steps"] == 4000 and info["max_cfg_scale"] == app.MAX_CFG_SCALE
+    # the cap on sampler steps x AR steps (x 2 with CFG), a 400 naming the fields
+    for body, words in (({"steps": 1000, "ar_steps": 16}, "steps, ar_steps: 1000 sampler steps x 16 AR steps = 16000, "
+                                                          f"more than the {cap} a request may take"),
+                        ({"steps": 1000, "ar_steps": 3, "cfg_scale": 2.0}, "steps, ar_steps, cfg_scale: 1000 sampler "
+                                                                           "steps x 3 AR steps x 2 (CFG) = 6000"),
+                        ({"cfg_scale": 21}, f"cfg_scale: expected at most {app.MAX_CFG_SCALE:g}")):
+        status, answer = request(httpd, "POST", "/api/generate", body)
+        assert status == 400 and answer["error"].startswith(words), (body, answer)
+        still_serving(httpd)
+    # a bounded queue: with the model busy and one request waiting, the next is answered 503
+    editor = httpd.editor
+    waiting = []
+    with editor.model_lock:  # as a computing request
+        first = threading.Thread(target=lambda: waiting.append(request(httpd, "POST", "/api/generate", {"steps": 2})))
+        first.start()
+        wait_until(lambda: ok(httpd, "/api/progress")["waiting"])
+        status, answer = request(httpd, "POST", "/api/generate", {"steps": 2})
+        assert status == 503 and answer["error"].startswith("busy: 1 requests wait for the model"), answer
+    first.join()
+    assert waiting[0][0] == 200
+    # the work of a client that closes its connection stops at its next step: slowed to 2 ms a step, the request at
+    # the cap would take 8 s
+    model, calls = editor.model, [0]
+    denoise = model.denoise
+
+    def slowed(*args, **kwargs):
+        calls[0] += 1
+        time.sleep(0.002)
+        return denoise(*args, **kwargs)
+
+    model.denoise = slowed
+    try:
+        with server_log(httpd) as log:
+            with socket.create_connection(httpd.server_address, timeout=30) as sock:
+                sock.sendall(post_bytes(httpd.server_address[1], "/api/generate",
+                                        json.dumps({"class": 0, "steps": 1000, "ar_steps": 4}).encode()))
+                done = wait_until(lambda: (p := ok(httpd, "/api/progress"))["busy"] and p["done"])
+            wait_until(lambda: not ok(httpd, "/api/progress")["busy"])
+    finally:
+        del model.denoise  # the class's method again
+    assert done <= calls[0] <= done + 1000 < cap, (done, calls)  # at the latest, the end of the AR step under way
+    assert "the client has gone, its work stopped" in log.getvalue() and "Traceback" not in log.getvalue(), \
+        log.getvalue()
+    still_serving(httpd)
+
+
+def test_editor_bounds_connections_and_the_time_to_send_a_request():
+    # idle connections: at most max_connections threads serve them, each answered 408 at the deadline; a client
+    # sending a byte at a time is answered 408 at the same deadline
+    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+    serving = lambda: sum("process_request_thread" in t.name for t in threading.enumerate())
+    before, start = serving(), time.time()
+    idle = [socket.create_connection(httpd.server_address, timeout=30) for _ in range(6)]
+    try:
+        time.sleep(DEADLINE_S / 3)
+        assert serving() - before <= 4, serving() - before
+        answers = []
+        for sock in idle:  # 4 at the deadline, then the 2 queued
+            answers.append(read_answer(sock)[:2])
+            sock.close()
+    finally:
+        for sock in idle:
+            sock.close()
+    assert all(status == 408 and answer["error"].startswith(f"request: its line, headers and body did not arrive "
+                                                            f"within {DEADLINE_S:g} s") for status, answer in answers)
+    assert 2 * DEADLINE_S < time.time() - start < 3 * DEADLINE_S, time.time() - start
+    still_serving(httpd)
+    with socket.create_connection(httpd.server_address, timeout=30) as sock:
+        start = time.time()
+        for byte in b"GET /api/info HTTP/1.1\r\nX-Slow: " + b"y" * 100:
+            if select.select([sock], [], [], 0)[0]:  # answered
+                break
+            sock.sendall(bytes([byte]))
+            time.sleep(DEADLINE_S / 5)
+        status, answer, _ = read_answer(sock)
+    assert status == 408 and answer["error"].startswith("request: its line, headers and body"), answer
+    assert time.time() - start < DEADLINE_S + 1, time.time() - start
+    still_serving(httpd)
+
+
+def test_editor_malformed_json_and_numbers_get_400_naming_the_field():
+    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+    port = httpd.server_address[1]
+    cases = [(b'{"seed": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body: JSON nested too deep"),
+             (b'{"seed": [' + b"0," * 9000 + b"0]}", f"body: 9003 of the JSON characters [ {{ , :, more than the "
+                                                      f"{app.MAX_JSON_MARKS} accepted"),
+             (b'{"seed": ' + b"9" * 5000 + b"}", "body: expected a JSON object, got text that is not JSON"),
+             (b'{"cfg_scale": 1e308}', f"cfg_scale: expected at most {app.MAX_CFG_SCALE:g}"),
+             (b'{"cfg_scale": NaN}', "cfg_scale: expected a finite number, got NaN"),
+             (b'{"eta": -Infinity}', "eta: expected a finite number"),
+             (b'{"cfg_interval": [0, 1e400]}', "cfg_interval: expected two numbers [lo, hi], got [0, Infinity]")]
+    for name, words in (("seed", "seed: expected an integer"), ("steps", "steps: expected an integer"),
+                        ("ar_steps", "ar_steps: expected an integer")):
+        cases.append((f'{{"{name}": 1e400}}'.encode(), f"{words}, got Infinity"))
+    big = "1" + "0" * 400
+    cases += [(f'{{"seed": {big}}}'.encode(), "seed: expected an integer in 0..4294967295, got 1000"),
+              (f'{{"steps": {big}}}'.encode(), "steps: expected sampler steps per AR step in 1..1000"),
+              (f'{{"ar_steps": {big}}}'.encode(), "ar_steps must be in 1..16 (the tokens to generate)"),
+              (f'{{"cfg_scale": {big}}}'.encode(), "cfg_scale: expected a finite number"),
+              (f'{{"cfg_interval": [0, {big}]}}'.encode(), "cfg_interval: expected two numbers")]
+    for body, words in cases:
+        status, answer = request(httpd, "POST", "/api/generate", body)
+        assert status == 400 and answer["error"].startswith(words), (body[:40], status, answer, words)
+        still_serving(httpd)
+    # a body shorter than its Content-Length: 400 when the client ends its side, 408 at the deadline when it waits
+    status, answer, _ = raw_request(port, post_bytes(port, "/api/generate", b'{"seed": 1}', b"100"), True)
+    assert status == 400 and answer["error"] == "body: 11 bytes, fewer than its Content-Length of 100", answer
+    start = time.time()
+    status, answer, _ = raw_request(port, post_bytes(port, "/api/generate", b'{"seed": 1}', b"100"))
+    assert status == 408 and answer["error"].startswith("body: fewer than its Content-Length of 100 bytes arrived "
+                                                        f"within {DEADLINE_S:g} s"), answer
+    assert time.time() - start < DEADLINE_S + 1
+    still_serving(httpd)
+
+
+def test_editor_bad_request_lines_get_an_answer_and_no_traceback():
+    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+    port = httpd.server_address[1]
+    with server_log(httpd) as log:
+        for data, status_, words in (
+                (b"GARBAGE\r\n\r\n", 400, "request line: expected 'GET /PATH HTTP/1.1'"),
+                (b"G" * 70_000 + b"\r\n\r\n", 414, "request line: more than 65536 bytes"),
+                (b"GET / HTTP/2.0\r\n\r\n", 400, "request line: "),
+                (b"GET /\r\n\r\n", 400, "request line: "),
+                (b"OPTIONS /api/edit HTTP/1.1\r\n\r\n", 405, "method: OPTIONS is not served"),
+                (b"GET / HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n", 431, "headers: Line too long"),
+                (b"", 408, "request: its line, headers and body did not arrive")):  # a connection sending nothing
+            status, answer, _ = raw_request(port, data)
+            assert status == status_ and answer["error"].startswith(words), (data[:20], status, answer)
+            still_serving(httpd)
+    assert "Traceback" not in log.getvalue() and log.getvalue().count('" 408 -') == 1, log.getvalue()
+
+
+def test_editor_checks_content_length_on_every_path():
+    httpd = server(random_model()[1])
+    port = httpd.server_address[1]
+    with server_log(httpd) as log:
+        for path_, length, status_, words in (
+                ("/api/crop", "²".encode(), 400, "Content-Length: expected the body's size in bytes, got "
+                                                 '"\\u00c2\\u00b2"'),  # UTF-8 bytes, read as Latin-1
+                ("/api/crop", "²".encode("latin-1"), 400, "Content-Length: expected the body's size in bytes"),
+                ("/api/crop", b"-2", 400, "Content-Length: expected"),
+                ("/api/nowhere", "²".encode(), 404, "/api/nowhere: not found (POST /api/generate"),
+                ("/nowhere", b"2", 404, "/nowhere: not found")):
+            status, answer, _ = raw_request(port, post_bytes(port, path_, b"{}", length))
+            assert status == status_ and answer["error"].startswith(words), (path_, length, status, answer)
+            still_serving(httpd)
+    assert "Traceback" not in log.getvalue(), log.getvalue()
+    status, answer, _ = raw_request(port, b"POST /api/crop HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: "
+                                          b"application/json\r\n\r\n{}" % port, True)
+    assert status == 400 and answer["error"] == "Content-Length: expected the body's size in bytes, got \"\"", answer
+
+
+def test_editor_scales_16_bit_images_to_8_bits():
+    # a dark 16-bit greyscale PNG (1000 of 65535) is dark (its high byte, 3), as an image and as a mask, as in
+    # sample.py (--edit, --keep)
+    httpd = server(random_model()[1])
+    out = tempfile.mkdtemp(dir=TMP.name)
+    dark = os.path.join(out, "dark16.png")
+    Image.fromarray(np.full((12, 8), 1000, np.uint16)).save(dark)
+    with open(dark, "rb") as f:
+        url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
+    cropped = from_url(ok(httpd, "/api/crop", {"image": url})["image"])
+    assert (cropped == 3).all() and np.array_equal(cropped, sample.load_image(dark, 0, 8)[0])
+    mask = np.full((8, 8), 1000, np.uint16)
+    mask[:4] = 65535  # white: the top half, the dark bottom half is kept
+    answer = ok(httpd, "/api/edit", {"image": to_url(noise_image(8, 1)), "mask": to_url(mask), "class": 0,
+                                     "steps": 2})
+    assert np.array_equal(from_url(answer["mask"]) > 0, mask == 65535)
+    keep = os.path.join(out, "mask16.png")
+    Image.fromarray(mask).save(keep)
+    assert np.array_equal(inference.snap_mask(Image.open(keep), 4).numpy(), token_blocks(mask, 2)[..., 0, 0] == 65535)
+
+
+def test_editor_page_headers():
+    # no other site frames the page, and the Server header does not show the Python version
+    httpd = server(random_model()[1])
+    conn = http.client.HTTPConnection(*httpd.server_address, timeout=30)
+    conn.request("GET", "/")
+    page = conn.getresponse()
+    page.read()
+    assert "frame-ancestors 'none'" in page.getheader("Content-Security-Policy")
+    assert page.getheader("Server") == "nanoCausalFusion-editor", page.getheader("Server")
 
 
 # ------------------------------------------------------------------------------------------ the page

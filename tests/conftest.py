@@ -2,4 +2,12 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    """pytest's tmp_path (a fresh folder per test, kept for the last runs) as a str, as the command lines take it."""
+    return str(tmp_path)

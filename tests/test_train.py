@@ -620,19 +620,18 @@ def _ref_images(path, n=4, size=8, seed=7):
     return path
 
 
-def test_fid_during_training_equals_fid_py_on_the_same_samples():
+def test_fid_during_training_equals_fid_py_on_the_same_samples(inception_weights):
     # one evaluation (step 2 = the end) of 4 EMA samples against a reference of 4 images, with Inception weights in
     # the real layout (random values): logged, written to metrics.jsonl, and equal to fid.py's command on the same
     # samples regenerated through engine (balanced classes, seed --seed, the eval sampler)
     import inference
     from checkpoint import load_checkpoint
-    from test_fid import _weights_file
     from vae import build_vae
     with tempfile.TemporaryDirectory() as tmp:
         out, ref = os.path.join(tmp, "run"), _ref_images(os.path.join(tmp, "ref.npz"))
         args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "2", "--out", out, "--eval-every", "2",
                        "--eval-ref", ref, "--eval-samples", "4", "--eval-batch-size", "3", "--eval-steps", "3",
-                       "--fid-weights", _weights_file()]
+                       "--fid-weights", inception_weights]
         summary = train.main(args)
         log = open(os.path.join(out, "train.log")).read()
         m = re.search(r"step 2 \| FID-4 ([0-9.]+) \| 4 EMA samples, dpm\+\+sde 3 steps, CFG 5 \| [0-9.]+ s \(the first "
@@ -648,7 +647,7 @@ def test_fid_during_training_equals_fid_py_on_the_same_samples():
         assert labels.tolist() == [0, 1, 2, 3]
         np.savez(os.path.join(tmp, "samples.npz"), arr_0=images)
         run = subprocess.run([sys.executable, "fid.py", ref, os.path.join(tmp, "samples.npz"), "--metrics", "fid",
-                              "--weights", _weights_file(), "--device", "cpu", "--batch-size", "3"], cwd=ROOT,
+                              "--weights", inception_weights, "--device", "cpu", "--batch-size", "3"], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         expected = float(re.search(r"FID: ([0-9.e+-]+)", run.stdout).group(1))
@@ -657,18 +656,17 @@ def test_fid_during_training_equals_fid_py_on_the_same_samples():
         assert np.isclose(evals[0]["fid"], expected, rtol=1e-6, atol=0), (evals[0]["fid"], expected)
 
 
-def test_fid_schedule_resume_and_bad_reference():
+def test_fid_schedule_resume_and_bad_reference(inception_weights):
     # every --eval-every steps and at the end, before the checkpoint: a run killed in an evaluation and resumed
     # neither repeats nor skips one;
     # a bad --eval-ref fails before step 1, naming the file (evaluate_fid replaced: the schedule is the point)
-    from test_fid import _weights_file
     with tempfile.TemporaryDirectory() as tmp:
         stats = os.path.join(tmp, "stats.npz")  # a fid.py --save-stats file
         rng = np.random.default_rng(0)
         np.savez(stats, mu=rng.standard_normal(2048), sigma=np.eye(2048), mu_s=np.zeros(2023), sigma_s=np.eye(2023))
         out, real_eval, real_forward, calls = os.path.join(tmp, "run"), train.evaluate_fid, train.forward_losses, []
         base = TINY + ["--data", _tiny_data(tmp), "--eval-every", "2", "--ckpt-every", "2", "--max-steps", "5",
-                       "--fid-weights", _weights_file()]
+                       "--fid-weights", inception_weights]
         args = base + ["--out", out, "--eval-ref", stats]
 
         def fake_fid(*a, **kw):
@@ -702,18 +700,17 @@ def test_fid_schedule_resume_and_bad_reference():
         assert [r["step"] for r in _metrics(out) if "loss" in r] == [1, 2, 3, 4, 5]
 
 
-def test_fid_samples_under_torchrun_equal_one_process():
+def test_fid_samples_under_torchrun_equal_one_process(inception_weights):
     # with --lr 0 the weights stay the seed's, so 2 ranks and 1 process hold the same EMA exactly: the samples rank
     # 0 gathers for FID (the ranks share the batches) must then equal one process's bit for bit, and so must the
     # FID, a function of them on rank 0. fid.compute_stats and frechet_distance are replaced (the samples are the
     # point, and a 2048-dim sqrtm costs a minute on CI's CPUs)
-    from test_fid import _weights_file
     with tempfile.TemporaryDirectory() as tmp:
         stats = os.path.join(tmp, "stats.npz")
         np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
         args = TINY + ["--data", _tiny_data(tmp), "--max-steps", "1", "--lr", "0", "--eval-every", "1", "--eval-ref",
                        stats, "--eval-samples", "6", "--eval-batch-size", "2", "--eval-steps", "2",
-                       "--fid-weights", _weights_file(), "--grid-classes", "0"]
+                       "--fid-weights", inception_weights, "--grid-classes", "0"]
         driver = os.path.join(tmp, "driver.py")
         with open(driver, "w") as f:
             f.write(f"""import sys

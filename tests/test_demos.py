@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 
 import demos
@@ -59,19 +60,24 @@ def test_demo_draw_captioned():
     assert not np.array_equal(images, demos.draw_captioned(attrs, 64, 1))
 
 
-def test_demo_measure_real_images():
+@pytest.mark.parametrize("size, ceiling", [(16, 0.95), (24, 0.98), (32, 0.98)])
+def test_demo_measure_real_images(size, ceiling):
     # fresh real images score >= 0.98 on every attribute (0.95 at 16 px, where a small shape is 3 px wide, against
     # only 600 training images); shuffled against their labels, about chance
-    for size, ceiling in ((16, 0.95), (24, 0.98), (32, 0.98)):
-        train_attrs = demos.random_attrs(600, 1, False)
-        train_images = demos.draw_captioned(train_attrs, size, 1)
-        attrs = demos.random_attrs(300, 2, False) + demos.random_attrs(100, 2, True)
-        images = demos.draw_captioned(attrs, size, 2)
-        acc = demos.t2i_accuracy(images, attrs, train_images, train_attrs)
-        assert set(acc) == {*demos.CHANCE, "all"} and all(v >= ceiling for v in acc.values()), (size, acc)
-        shuffled = [attrs[i] for i in np.random.default_rng(0).permutation(len(attrs))]
-        acc = demos.t2i_accuracy(images, shuffled, train_images, train_attrs)
-        assert all(abs(acc[k] - demos.CHANCE[k]) < 0.1 for k in demos.CHANCE), (size, acc)
+    train_attrs = demos.random_attrs(600, 1, False)
+    train_images = demos.draw_captioned(train_attrs, size, 1)
+    attrs = demos.random_attrs(300, 2, False) + demos.random_attrs(100, 2, True)
+    images = demos.draw_captioned(attrs, size, 2)
+    acc = demos.t2i_accuracy(images, attrs, train_images, train_attrs)
+    assert set(acc) == {*demos.CHANCE, "all"} and all(v >= ceiling for v in acc.values()), (size, acc)
+    shuffled = [attrs[i] for i in np.random.default_rng(0).permutation(len(attrs))]
+    acc = demos.t2i_accuracy(images, shuffled, train_images, train_attrs)
+    assert all(abs(acc[k] - demos.CHANCE[k]) < 0.1 for k in demos.CHANCE), (size, acc)
+
+
+def test_demo_measure_blank_images():
+    train_attrs = demos.random_attrs(600, 1, False)
+    train_images = demos.draw_captioned(train_attrs, 32, 1)
     blank = np.full((2, 32, 32, 3), 20, np.uint8)  # nothing drawn: nothing measured
     assert demos.measure(blank) == [dict(shape=None, colour=None, size=None, position=None)] * 2
     assert demos.nearest_shape(blank, train_images, train_attrs) == [None, None]

@@ -3,7 +3,7 @@
 train.py's ckpt.pt holds model, ema, optimizer, step, config (its options, the objective among them: a run before
 --objective existed is eps), model_config, data (the latent format) and rng (and a text model's tokenizer); the
 fine-tunes' (finetune/classify.py, finetune/caption.py) hold their classifier or captioner. The authors' files hold
-model, ema and their pickled argparse args (eps); their model config is read off the tensor demos. Everything is
+model, ema and their pickled argparse args (eps); their model config is read off the tensor shapes. Everything is
 plain tensors and values, read with torch.load(weights_only=True).
 """
 import argparse
@@ -49,7 +49,7 @@ def read_checkpoint(path):
 
 
 def authors_config(sd, vae):
-    """Model config and data meta of an authors' checkpoint, inferred from its tensor demos."""
+    """Model config and data meta of an authors' checkpoint, inferred from its tensor shapes."""
     hidden, token_dim = sd["x_proj.weight"].shape
     vae_config = VAE_CONFIGS.get(vae, dict(z_channels=3, ch_mult=(1,)))  # "none": 3 channels, no downsampling
     channels, down = vae_config["z_channels"], 2 ** (len(vae_config["ch_mult"]) - 1)

@@ -2,4 +2,24 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def tmp(tmp_path):
+    """pytest's tmp_path (a fresh folder per test, kept for the last runs) as a str, as the command lines take it."""
+    return str(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """A file of random Inception weights in the published file's layout (test_fid.py's), shared by one run's tests."""
+    import torch
+
+    import fid
+    from test_fid import _random_weights
+    path = str(tmp_path_factory.mktemp("inception") / fid.WEIGHTS_FILE)
+    torch.save(_random_weights(), path)
+    return path

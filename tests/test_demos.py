@@ -1,17 +1,17 @@
-"""Tests of demos.py, the demo data: `python test_all.py shapes`."""
+"""Tests of demos.py, the demo data: `python test_all.py test_demos`."""
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
+import pytest
 import torch
 
 import demos
 from latents import ExtractionError
 
 
-def test_shapes_draw_shapes_unchanged():
+def test_demo_draw_shapes_unchanged():
     # sha256 of train.draw_shapes(3, 16, 0)'s image bytes, computed from train.py before draw_shapes moved here:
     # the class demo (and its checkpoints' data) must not change with the move. (Pillow 13's LANCZOS.)
     images, labels = demos.draw_shapes(3, 16, 0)
@@ -21,7 +21,7 @@ def test_shapes_draw_shapes_unchanged():
         "9a34fb79999310f2813959d8af549ca762afc191cb1583ef1ad8d5ab62a1ab64"
 
 
-def test_shapes_caption_round_trip():
+def test_demo_caption_round_trip():
     assert len(demos.COMBINATIONS) == 5 * 4 * 2 * 4
     for attrs in demos.COMBINATIONS:
         assert demos.parse_caption(demos.caption(attrs)) == attrs, attrs
@@ -36,7 +36,7 @@ def test_shapes_caption_round_trip():
     assert demos.parse_caption("") == dict(shape=None, colour=None, size=None, position=None)
 
 
-def test_shapes_held_out_combinations():
+def test_demo_held_out_combinations():
     held = [a for a in demos.COMBINATIONS if demos.is_held_out(a)]
     assert len(held) == len(demos.HELD_OUT) * 2 * 4 == 40
     seen = demos.random_attrs(2000, 0, held_out=False)
@@ -51,7 +51,7 @@ def test_shapes_held_out_combinations():
     assert demos.random_attrs(5, 3, False) == demos.random_attrs(5, 3, False) != demos.random_attrs(5, 4, False)
 
 
-def test_shapes_draw_captioned():
+def test_demo_draw_captioned():
     attrs = demos.random_attrs(6, 0, False)
     for size in (16, 24, 32, 64):
         images = demos.draw_captioned(attrs, size, 0)
@@ -60,25 +60,30 @@ def test_shapes_draw_captioned():
     assert not np.array_equal(images, demos.draw_captioned(attrs, 64, 1))
 
 
-def test_shapes_measure_real_images():
+@pytest.mark.parametrize("size, ceiling", [(16, 0.95), (24, 0.98), (32, 0.98)])
+def test_demo_measure_real_images(size, ceiling):
     # fresh real images score >= 0.98 on every attribute (0.95 at 16 px, where a small shape is 3 px wide, against
     # only 600 training images); shuffled against their labels, about chance
-    for size, ceiling in ((16, 0.95), (24, 0.98), (32, 0.98)):
-        train_attrs = demos.random_attrs(600, 1, False)
-        train_images = demos.draw_captioned(train_attrs, size, 1)
-        attrs = demos.random_attrs(300, 2, False) + demos.random_attrs(100, 2, True)
-        images = demos.draw_captioned(attrs, size, 2)
-        acc = demos.t2i_accuracy(images, attrs, train_images, train_attrs)
-        assert set(acc) == {*demos.CHANCE, "all"} and all(v >= ceiling for v in acc.values()), (size, acc)
-        shuffled = [attrs[i] for i in np.random.default_rng(0).permutation(len(attrs))]
-        acc = demos.t2i_accuracy(images, shuffled, train_images, train_attrs)
-        assert all(abs(acc[k] - demos.CHANCE[k]) < 0.1 for k in demos.CHANCE), (size, acc)
+    train_attrs = demos.random_attrs(600, 1, False)
+    train_images = demos.draw_captioned(train_attrs, size, 1)
+    attrs = demos.random_attrs(300, 2, False) + demos.random_attrs(100, 2, True)
+    images = demos.draw_captioned(attrs, size, 2)
+    acc = demos.t2i_accuracy(images, attrs, train_images, train_attrs)
+    assert set(acc) == {*demos.CHANCE, "all"} and all(v >= ceiling for v in acc.values()), (size, acc)
+    shuffled = [attrs[i] for i in np.random.default_rng(0).permutation(len(attrs))]
+    acc = demos.t2i_accuracy(images, shuffled, train_images, train_attrs)
+    assert all(abs(acc[k] - demos.CHANCE[k]) < 0.1 for k in demos.CHANCE), (size, acc)
+
+
+def test_demo_measure_blank_images():
+    train_attrs = demos.random_attrs(600, 1, False)
+    train_images = demos.draw_captioned(train_attrs, 32, 1)
     blank = np.full((2, 32, 32, 3), 20, np.uint8)  # nothing drawn: nothing measured
     assert demos.measure(blank) == [dict(shape=None, colour=None, size=None, position=None)] * 2
     assert demos.nearest_shape(blank, train_images, train_attrs) == [None, None]
 
 
-def test_shapes_caption_accuracy():
+def test_demo_caption_accuracy():
     attrs = [dict(shape="bar", colour="red", size="small", position="top left"),
              dict(shape="plus", colour="blue", size="large", position="bottom right")]
     texts = ["a small red or yellow bar in the top left", "a large blue plus, bottom right or top right"]
@@ -89,47 +94,45 @@ def test_shapes_caption_accuracy():
     assert demos.CHANCE == dict(colour=0.25, position=0.25, size=0.5, shape=0.2)
 
 
-def test_shapes_build_caption_demo_data():
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            out = demos.build_caption_demo_data(tmp, 16, 50, 0, rank=0)
-        except ExtractionError as e:  # extract() not yet reading metadata.jsonl: check the written files only
-            if "no class folders" not in str(e):
-                raise
-            out = None
-        folder = os.path.join(tmp, "images")
-        with open(os.path.join(folder, "metadata.jsonl")) as f:
-            rows = [json.loads(line) for line in f]
-        assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(50)]
-        assert sorted(os.listdir(folder)) == sorted([r["file_name"] for r in rows] + ["metadata.jsonl"])
-        attrs = [demos.parse_caption(r["text"]) for r in rows]
-        assert all(None not in a.values() and not demos.is_held_out(a) for a in attrs)
-        assert attrs == demos.random_attrs(50, 0, False)  # the images are those of draw_captioned
-        images = np.stack([np.asarray(demos.Image.open(os.path.join(folder, r["file_name"]))) for r in rows])
-        assert np.array_equal(images, demos.draw_captioned(attrs, 16, 0))
-        if out is not None:
-            from latents import LatentData
-            data = LatentData(out)
-            assert len(data) == 50 and data.latent_shape == (3, 16, 16)
-            assert [c[0] for c in data.captions] == [r["text"] for r in rows]
-
-
-def test_shapes_build_combination_demo_data():
-    # the yardstick's data: the captioned demo's images, in one class folder per combination named by its caption
-    with tempfile.TemporaryDirectory() as tmp:
-        out = demos.build_combination_demo_data(tmp, 16, 60, 0, rank=0)
+def test_demo_build_caption_demo_data(tmp):
+    try:
+        out = demos.build_caption_demo_data(tmp, 16, 50, 0, rank=0)
+    except ExtractionError as e:  # extract() not yet reading metadata.jsonl: check the written files only
+        if "no class folders" not in str(e):
+            raise
+        out = None
+    folder = os.path.join(tmp, "images")
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["file_name"] for r in rows] == [f"{i:05d}.png" for i in range(50)]
+    assert sorted(os.listdir(folder)) == sorted([r["file_name"] for r in rows] + ["metadata.jsonl"])
+    attrs = [demos.parse_caption(r["text"]) for r in rows]
+    assert all(None not in a.values() and not demos.is_held_out(a) for a in attrs)
+    assert attrs == demos.random_attrs(50, 0, False)  # the images are those of draw_captioned
+    images = np.stack([np.asarray(demos.Image.open(os.path.join(folder, r["file_name"]))) for r in rows])
+    assert np.array_equal(images, demos.draw_captioned(attrs, 16, 0))
+    if out is not None:
         from latents import LatentData
         data = LatentData(out)
-        attrs = demos.random_attrs(60, 0, False)
-        assert len(data) == 60 and data.num_classes == len({demos.class_name(a) for a in attrs}) > 20
-        found = [demos.parse_caption(data.class_names[k].replace("_", " ")) for k in data.labels.tolist()]
-        assert sorted(map(demos.caption, found)) == sorted(map(demos.caption, attrs))
-        # image i of the folder of its combination is draw_captioned's image i
-        drawn = demos.draw_captioned(attrs, 16, 0)
-        for i in (0, 17, 59):
-            path = os.path.join(tmp, "images", demos.class_name(attrs[i]), f"{i:05d}.png")
-            assert np.array_equal(np.asarray(demos.Image.open(path)), drawn[i]), i
-        assert np.array_equal(np.sort(demos.pixel_images(data).reshape(60, -1), 0), np.sort(drawn.reshape(60, -1), 0))
+        assert len(data) == 50 and data.latent_shape == (3, 16, 16)
+        assert [c[0] for c in data.captions] == [r["text"] for r in rows]
+
+
+def test_demo_build_combination_demo_data(tmp):
+    # the yardstick's data: the captioned demo's images, in one class folder per combination named by its caption
+    out = demos.build_combination_demo_data(tmp, 16, 60, 0, rank=0)
+    from latents import LatentData
+    data = LatentData(out)
+    attrs = demos.random_attrs(60, 0, False)
+    assert len(data) == 60 and data.num_classes == len({demos.class_name(a) for a in attrs}) > 20
+    found = [demos.parse_caption(data.class_names[k].replace("_", " ")) for k in data.labels.tolist()]
+    assert sorted(map(demos.caption, found)) == sorted(map(demos.caption, attrs))
+    # image i of the folder of its combination is draw_captioned's image i
+    drawn = demos.draw_captioned(attrs, 16, 0)
+    for i in (0, 17, 59):
+        path = os.path.join(tmp, "images", demos.class_name(attrs[i]), f"{i:05d}.png")
+        assert np.array_equal(np.asarray(demos.Image.open(path)), drawn[i]), i
+    assert np.array_equal(np.sort(demos.pixel_images(data).reshape(60, -1), 0), np.sort(drawn.reshape(60, -1), 0))
 
 
 def test_kernel_distance_is_kids_unbiased_mmd():

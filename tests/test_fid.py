@@ -5,9 +5,9 @@ import functools
 import io
 import math
 import os
-import tempfile
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -62,16 +62,10 @@ def _random_weights(seed=0):
     return sd
 
 
-@functools.lru_cache(maxsize=None)
-def _weights_file():
-    path = os.path.join(tempfile.mkdtemp(), fid.WEIGHTS_FILE)
-    torch.save(_random_weights(), path)
-    return path
-
-
-@functools.lru_cache(maxsize=None)
-def _model():
-    return fid.load_inception(_weights_file())
+@pytest.fixture(scope="module")
+def inception(inception_weights):
+    """The network with the random weights of conftest.py's inception_weights (_random_weights), one per module."""
+    return fid.load_inception(inception_weights)
 
 
 def _images(n, size=32, seed=0):
@@ -79,12 +73,10 @@ def _images(n, size=32, seed=0):
 
 
 def _raises(exc, fn, *words):
-    try:
+    """fn() raises exc, and its message holds every word."""
+    with pytest.raises(exc) as excinfo:
         fn()
-    except exc as e:
-        assert all(w in str(e) for w in words), (str(e), words)
-        return
-    raise AssertionError(f"no {exc.__name__}")
+    assert all(w in str(excinfo.value) for w in words), (str(excinfo.value), words)
 
 
 # ---------------------------------------------------------------------------------- Frechet distance
@@ -185,31 +177,30 @@ def test_precision_recall_block_size_and_float16_rounding():
 
 
 # ------------------------------------------------------------------------------------ the network
-def test_fid_inception_weights_load_strictly():
+def test_fid_inception_weights_load_strictly(inception, tmp):
     sd = _random_weights()
     tracked = dict(sd, **{f"{n}.bn.num_batches_tracked": torch.tensor(0) for n, *_ in _conv_layout()})
     assert len(sd) == 472 and len(tracked) == 566 and set(fid.FIDInception().state_dict()) == set(tracked)
-    model = _model()  # the published file has no num_batches_tracked
+    model = inception  # the published file has no num_batches_tracked
     assert not model.training and torch.equal(model.Mixed_6d.branch7x7_2.conv.weight,
                                               sd["Mixed_6d.branch7x7_2.conv.weight"])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "tracked.pth")  # a re-saved model.state_dict() has them
-        torch.save(tracked, path)
-        assert torch.equal(fid.load_inception(path).fc.weight, sd["fc.weight"])
-        torch.save({"fc.weight": sd["fc.weight"]}, os.path.join(tmp, "bad.pth"))
-        _raises(fid.InputError, lambda: fid.load_inception(os.path.join(tmp, "bad.pth")), "bad.pth", "Missing")
-        _raises(FileNotFoundError, lambda: fid.load_inception(os.path.join(tmp, "none.pth")),
-                "none.pth", fid.WEIGHTS_FILE, fid.WEIGHTS_URL)
-        old = torch.hub.get_dir()
-        torch.hub.set_dir(tmp)
-        try:  # default location: the torch hub checkpoints directory
-            _raises(FileNotFoundError, fid.load_inception, os.path.join(tmp, "checkpoints", fid.WEIGHTS_FILE))
-        finally:
-            torch.hub.set_dir(old)
+    path = os.path.join(tmp, "tracked.pth")  # a re-saved model.state_dict() has them
+    torch.save(tracked, path)
+    assert torch.equal(fid.load_inception(path).fc.weight, sd["fc.weight"])
+    torch.save({"fc.weight": sd["fc.weight"]}, os.path.join(tmp, "bad.pth"))
+    _raises(fid.InputError, lambda: fid.load_inception(os.path.join(tmp, "bad.pth")), "bad.pth", "Missing")
+    _raises(FileNotFoundError, lambda: fid.load_inception(os.path.join(tmp, "none.pth")),
+            "none.pth", fid.WEIGHTS_FILE, fid.WEIGHTS_URL)
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(tmp)
+    try:  # default location: the torch hub checkpoints directory
+        _raises(FileNotFoundError, fid.load_inception, os.path.join(tmp, "checkpoints", fid.WEIGHTS_FILE))
+    finally:
+        torch.hub.set_dir(old)
 
 
-def test_fid_inception_layer_shapes_and_spatial_order():
-    model, shapes, taps = _model(), {}, {}
+def test_fid_inception_layer_shapes_and_spatial_order(inception):
+    model, shapes, taps = inception, {}, {}
     names = ("Conv2d_1a_3x3", "Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5b", "Mixed_5d", "Mixed_6a", "Mixed_6e",
              "Mixed_7a", "Mixed_7b", "Mixed_7c")
     hooks = [getattr(model, n).register_forward_hook(lambda m, i, o, n=n: shapes.update({n: tuple(o.shape)}))
@@ -236,98 +227,89 @@ def test_fid_inception_layer_shapes_and_spatial_order():
     assert 0.05 < pool.mean() < 50 and pool.std() > 0  # random weights still give non-degenerate features
 
 
-def test_fid_features_batch_size_invariant():
+def test_fid_features_batch_size_invariant(inception):
     images = _images(3, 48, seed=3)
-    a = fid.compute_activations(_model(), images, batch_size=1)
-    b = fid.compute_activations(_model(), images, batch_size=3)
+    a = fid.compute_activations(inception, images, batch_size=1)
+    b = fid.compute_activations(inception, images, batch_size=3)
     for key, shape in (("pool", (3, 2048)), ("spatial", (3, 2023)), ("logits", (3, 1008))):
         assert a[key].shape == shape and a[key].dtype == np.float32
         assert np.allclose(a[key], b[key], rtol=1e-4, atol=1e-5 * np.abs(b[key]).max()), key
-    stats = fid.compute_stats(images, _model(), batch_size=3)  # the helper other scripts call
+    stats = fid.compute_stats(images, inception, batch_size=3)  # the helper other scripts call
     assert all(np.array_equal(stats[k], v) for k, v in fid.stats_from_activations(b).items())
 
 
 # ------------------------------------------------------------------------------------------- inputs
-def test_fid_reads_npz_streaming_and_folders():
+def test_fid_reads_npz_streaming_and_folders(tmp):
     images = _images(5, 12, seed=4)[:, :, :9]  # (5, 12, 9, 3)
-    with tempfile.TemporaryDirectory() as tmp:
-        for save in (np.savez, np.savez_compressed):
-            path = os.path.join(tmp, f"{save.__name__}.npz")
-            save(path, images, mu=np.zeros(3))
-            n, batches = fid.read_images(path, 2)
-            batches = list(batches)
-            assert n == 5 and [len(b) for b in batches] == [2, 2, 1]
-            assert np.array_equal(np.concatenate(batches), images) and batches[0].flags.writeable
-        folder = os.path.join(tmp, "pngs")
-        os.mkdir(folder)
-        for i, image in enumerate(images):
-            Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
-        n, batches = fid.read_images(folder, 3)
-        assert n == 5 and np.array_equal(np.concatenate(list(batches)), images)
-        # bad inputs: the error names the file and the problem
-        for arr, words in ((images.astype(np.float32), ("dtype float32", "uint8")),
-                           (images.transpose(0, 3, 1, 2).copy(), ("(5, 3, 12, 9)", "NHWC")),
-                           (images[:1], ("at least 2",))):
-            path = os.path.join(tmp, "bad.npz")
-            np.savez(path, arr)
-            _raises(fid.InputError, lambda: fid.read_images(path, 2), "bad.npz", *words)
-        np.savez(os.path.join(tmp, "stats.npz"), mu=np.zeros(4), sigma=np.eye(3))
-        _raises(fid.InputError, lambda: fid.read_stats(os.path.join(tmp, "stats.npz")), "stats.npz", "sigma")
-        _raises(fid.InputError, lambda: fid.read_images(os.path.join(tmp, "stats.npz"), 2), "stats.npz", "arr_0")
-        # a folder with a file that is not an image, or of another size: named before any image is decoded
-        open(os.path.join(folder, "00003.png"), "wb").write(b"not a png")
-        _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "not a readable image")
-        Image.fromarray(images[0, :8]).save(os.path.join(folder, "00003.png"))
-        _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "(8, 9, 3)", "(12, 9, 3)")
-        # a truncated .npz (its zip directory lost) and a file that is no .npz at all
-        truncated = os.path.join(tmp, "truncated.npz")
-        open(truncated, "wb").write(open(os.path.join(tmp, "savez.npz"), "rb").read()[:300])
-        _raises(fid.InputError, lambda: fid.read_images(truncated, 2), "truncated.npz", "neither an .npz")
+    for save in (np.savez, np.savez_compressed):
+        path = os.path.join(tmp, f"{save.__name__}.npz")
+        save(path, images, mu=np.zeros(3))
+        n, batches = fid.read_images(path, 2)
+        batches = list(batches)
+        assert n == 5 and [len(b) for b in batches] == [2, 2, 1]
+        assert np.array_equal(np.concatenate(batches), images) and batches[0].flags.writeable
+    folder = os.path.join(tmp, "pngs")
+    os.mkdir(folder)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(os.path.join(folder, f"{i:05d}.png"))
+    n, batches = fid.read_images(folder, 3)
+    assert n == 5 and np.array_equal(np.concatenate(list(batches)), images)
+    # bad inputs: the error names the file and the problem
+    for arr, words in ((images.astype(np.float32), ("dtype float32", "uint8")),
+                       (images.transpose(0, 3, 1, 2).copy(), ("(5, 3, 12, 9)", "NHWC")),
+                       (images[:1], ("at least 2",))):
+        path = os.path.join(tmp, "bad.npz")
+        np.savez(path, arr)
+        _raises(fid.InputError, lambda: fid.read_images(path, 2), "bad.npz", *words)
+    np.savez(os.path.join(tmp, "stats.npz"), mu=np.zeros(4), sigma=np.eye(3))
+    _raises(fid.InputError, lambda: fid.read_stats(os.path.join(tmp, "stats.npz")), "stats.npz", "sigma")
+    _raises(fid.InputError, lambda: fid.read_images(os.path.join(tmp, "stats.npz"), 2), "stats.npz", "arr_0")
+    # a folder with a file that is not an image, or of another size: named before any image is decoded
+    open(os.path.join(folder, "00003.png"), "wb").write(b"not a png")
+    _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "not a readable image")
+    Image.fromarray(images[0, :8]).save(os.path.join(folder, "00003.png"))
+    _raises(fid.InputError, lambda: fid.read_images(folder, 2), "00003.png", "(8, 9, 3)", "(12, 9, 3)")
+    # a truncated .npz (its zip directory lost) and a file that is no .npz at all
+    truncated = os.path.join(tmp, "truncated.npz")
+    open(truncated, "wb").write(open(os.path.join(tmp, "savez.npz"), "rb").read()[:300])
+    _raises(fid.InputError, lambda: fid.read_images(truncated, 2), "truncated.npz", "neither an .npz")
 
 
-def test_fid_main_end_to_end():
+def test_fid_main_end_to_end(inception_weights, tmp, monkeypatch):
     # the 2048-d matrix square roots take minutes on a small CPU: record the statistics main passes instead
-    calls, frechet = [], fid.frechet_distance
-    fid.frechet_distance = lambda *stats: calls.append(stats) or float(len(calls))
-    try:
-        _check_main(calls)
-    finally:
-        fid.frechet_distance = frechet
+    calls = []
+    monkeypatch.setattr(fid, "frechet_distance", lambda *stats: calls.append(stats) or float(len(calls)))
+    ref, samples, stats = (os.path.join(tmp, n) for n in ("ref.npz", "samples.npz", "stats.npz"))
+    np.savez(ref, _images(4, 32, seed=5))
+    np.savez_compressed(samples, _images(4, 40, seed=6))
 
+    def run(*args, weights=inception_weights):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            fid.main([*args, "--weights", weights, "--batch-size", "4", "--device", "cpu"])
+        return dict(line.split(": ") for line in out.getvalue().splitlines())
 
-def _check_main(calls):
-    with tempfile.TemporaryDirectory() as tmp:
-        ref, samples, stats = (os.path.join(tmp, n) for n in ("ref.npz", "samples.npz", "stats.npz"))
-        np.savez(ref, _images(4, 32, seed=5))
-        np.savez_compressed(samples, _images(4, 40, seed=6))
-
-        def run(*args, weights=_weights_file()):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out):
-                fid.main([*args, "--weights", weights, "--batch-size", "4", "--device", "cpu"])
-            return dict(line.split(": ") for line in out.getvalue().splitlines())
-
-        full = run(ref, samples, "--save-stats", stats)
-        assert list(full) == ["Inception Score", "FID", "sFID", "Precision", "Recall"], full
-        assert float(full["Inception Score"]) >= 1 and 0 <= float(full["Precision"]) <= 1
-        (mu, sigma, mu_r, sigma_r), (mu_s, sigma_s, *_) = calls  # ADM's order: samples first
-        assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu_s.shape == (2023,)
-        assert mu.dtype == sigma.dtype == np.float64 and not np.array_equal(mu, mu_r)
-        with np.load(stats) as f:  # --save-stats: the last input's statistics
-            assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]
-            assert all(np.array_equal(f[k], v) for k, v in zip(STATS, (mu, sigma, mu_s, sigma_s)))
-        # a statistics file is used as it is: no images and no network needed (the weights path does not exist)
-        assert list(run(stats, stats, "--metrics", "fid", "sfid", weights="missing.pth")) == ["FID", "sFID"]
-        assert all(np.array_equal(a, b) for a, b in zip(calls[2], (mu, sigma, mu, sigma)))
-        assert all(np.array_equal(a, b) for a, b in zip(calls[3], (mu_s, sigma_s, mu_s, sigma_s)))
-        # a reference holding both images and mu/sigma: its mu/sigma are used as they are (ADM)
-        both = os.path.join(tmp, "both.npz")
-        np.savez(both, _images(4, 32, seed=5), mu=mu_r + 1, sigma=sigma_r)
-        assert list(run(both, stats, "--metrics", "fid", weights="missing.pth")) == ["FID"]
-        assert all(np.array_equal(a, b) for a, b in zip(calls[4], (mu, sigma, mu_r + 1, sigma_r)))
-        _raises(fid.InputError, lambda: run(stats, samples, "--metrics", "precision"), "stats.npz", "arr_0")
-        small = os.path.join(tmp, "small.npz")
-        np.savez(small, mu=np.zeros(64), sigma=np.eye(64))
-        _raises(fid.InputError, lambda: run(small, stats, "--metrics", "fid"), "small.npz", "stats.npz", "64")
-        _raises(fid.InputError, lambda: run(ref, samples, "--metrics", "fid", "kid"), "kid")
-        _raises(FileNotFoundError, lambda: run(ref, samples, "--metrics", "is", weights="missing.pth"), fid.WEIGHTS_URL)
+    full = run(ref, samples, "--save-stats", stats)
+    assert list(full) == ["Inception Score", "FID", "sFID", "Precision", "Recall"], full
+    assert float(full["Inception Score"]) >= 1 and 0 <= float(full["Precision"]) <= 1
+    (mu, sigma, mu_r, sigma_r), (mu_s, sigma_s, *_) = calls  # ADM's order: samples first
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and mu_s.shape == (2023,)
+    assert mu.dtype == sigma.dtype == np.float64 and not np.array_equal(mu, mu_r)
+    with np.load(stats) as f:  # --save-stats: the last input's statistics
+        assert sorted(f.files) == ["mu", "mu_s", "sigma", "sigma_s"]
+        assert all(np.array_equal(f[k], v) for k, v in zip(STATS, (mu, sigma, mu_s, sigma_s)))
+    # a statistics file is used as it is: no images and no network needed (the weights path does not exist)
+    assert list(run(stats, stats, "--metrics", "fid", "sfid", weights="missing.pth")) == ["FID", "sFID"]
+    assert all(np.array_equal(a, b) for a, b in zip(calls[2], (mu, sigma, mu, sigma)))
+    assert all(np.array_equal(a, b) for a, b in zip(calls[3], (mu_s, sigma_s, mu_s, sigma_s)))
+    # a reference holding both images and mu/sigma: its mu/sigma are used as they are (ADM)
+    both = os.path.join(tmp, "both.npz")
+    np.savez(both, _images(4, 32, seed=5), mu=mu_r + 1, sigma=sigma_r)
+    assert list(run(both, stats, "--metrics", "fid", weights="missing.pth")) == ["FID"]
+    assert all(np.array_equal(a, b) for a, b in zip(calls[4], (mu, sigma, mu_r + 1, sigma_r)))
+    _raises(fid.InputError, lambda: run(stats, samples, "--metrics", "precision"), "stats.npz", "arr_0")
+    small = os.path.join(tmp, "small.npz")
+    np.savez(small, mu=np.zeros(64), sigma=np.eye(64))
+    _raises(fid.InputError, lambda: run(small, stats, "--metrics", "fid"), "small.npz", "stats.npz", "64")
+    _raises(fid.InputError, lambda: run(ref, samples, "--metrics", "fid", "kid"), "kid")
+    _raises(FileNotFoundError, lambda: run(ref, samples, "--metrics", "is", weights="missing.pth"), fid.WEIGHTS_URL)

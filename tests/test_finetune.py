@@ -5,10 +5,11 @@ resume."""
 import contextlib
 import math
 import os
+import re
 import subprocess
 import sys
-import tempfile
 
+import pytest
 import torch
 
 import checkpoint
@@ -22,28 +23,25 @@ from model import patchify
 from test_train import TINY, _tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
-TMP = tempfile.TemporaryDirectory()  # a pretrained tiny checkpoint shared by the tests of one run
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """(checkpoint, latents dir) of a 3-step tiny train.py run on 8x8 shapes (10 classes, 16 tokens), shared by the
+    tests of the module."""
+    tmp = str(tmp_path_factory.mktemp("pretrained"))
+    data = _tiny_data(os.path.join(tmp, "shapes"))
+    train.main(TINY + ["--data", data, "--out", os.path.join(tmp, "pre"), "--max-steps", "3", "--grid-classes", "0"])
+    return os.path.join(tmp, "pre", "ckpt.pt"), os.path.join(tmp, "shapes", "latents")
 
 
-def pretrained():
-    """(checkpoint, latents dir) of a 3-step tiny train.py run on 8x8 shapes (10 classes, 16 tokens)."""
-    ckpt = os.path.join(TMP.name, "pre", "ckpt.pt")
-    if not os.path.exists(ckpt):
-        data = _tiny_data(os.path.join(TMP.name, "shapes"))
-        train.main(TINY + ["--data", data, "--out", os.path.join(TMP.name, "pre"), "--max-steps", "3",
-                           "--grid-classes", "0"])
-    return ckpt, os.path.join(TMP.name, "shapes", "latents")
-
-
-def classifier(probe=False, drop_path=0.0):
-    model, meta = checkpoint.load_checkpoint(pretrained()[0])
+def classifier(ckpt, probe=False, drop_path=0.0):
+    model, meta = checkpoint.load_checkpoint(ckpt)
     torch.manual_seed(0)
     return classify.Classifier(model, meta["num_classes"], drop_path, probe), model
 
 
-def test_body_is_the_pretrained_blocks_without_cond_or_time():
+def test_body_is_the_pretrained_blocks_without_cond_or_time(pretrained):
     # features = the generator's own x_proj + pos_embed and Block.forward with full attention, averaged, LayerNorm
-    clf, gen = classifier(drop_path=0.3)
+    clf, gen = classifier(pretrained[0], drop_path=0.3)
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         h = gen.x_proj(patchify(x, 2)) + gen.pos_embed  # (N, L, D)
@@ -59,8 +57,8 @@ def test_body_is_the_pretrained_blocks_without_cond_or_time():
     assert {"x_proj.weight", "blocks.0.attn.qkv.weight", "fc_norm.weight", "head.weight"} <= names
 
 
-def test_probe_body_gets_no_gradient():
-    clf, gen = classifier(probe=True)
+def test_probe_body_gets_no_gradient(pretrained):
+    clf, gen = classifier(pretrained[0], probe=True)
     before = {n: p.clone() for n, p in clf.named_parameters()}
     opt = classify.LARS([dict(params=list(clf.head.parameters()))], lr=0.5)
     x, y = torch.randn(8, 3, 8, 8), torch.arange(8)
@@ -75,8 +73,8 @@ def test_probe_body_gets_no_gradient():
     assert isinstance(clf.bn, torch.nn.BatchNorm1d) and not clf.bn.affine
 
 
-def test_layer_decay_groups():
-    clf, _ = classifier()
+def test_layer_decay_groups(pretrained):
+    clf, _ = classifier(pretrained[0])
     depth = len(clf.blocks)  # 4 for size T
     scale, decay = {}, {}
     for group in classify.param_groups(clf, 0.05, 0.75):
@@ -133,59 +131,53 @@ def _run_until_first_checkpoint(script, args):
 def _refused(script, args, out, cases):
     """Each (extra options, word) of cases is a ValueError of script.main whose message holds the word."""
     for bad, word in cases:
-        try:
+        with pytest.raises(ValueError, match=re.escape(word)):
             script.main(args + ["--out", out] + bad)
-        except ValueError as e:
-            assert word in str(e), e
-        else:
-            raise AssertionError(f"{bad} accepted")
 
 
-def test_finetune_resumes_exactly_and_probes():
-    ckpt, data = pretrained()
+def test_finetune_resumes_exactly_and_probes(pretrained, tmp):
+    ckpt, data = pretrained
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "2",
             "--warmup-epochs", "1", "--blr", "0.05"]
-    with tempfile.TemporaryDirectory() as tmp:
-        straight = classify.main(args + ["--out", os.path.join(tmp, "a")])
-        # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
-        stopped = args + ["--out", os.path.join(tmp, "b")]
-        _run_until_first_checkpoint("classify", stopped)
-        resumed = classify.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
-        assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
-        a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
-        assert all(torch.equal(a[k], b[k]) for k in a)
-        pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
-        assert not torch.equal(a["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # fine-tuned
-        # the probe, with a few labels per class: only the head moves; the body is the pretrained EMA
-        probe = classify.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",
-                                      "--probe-epochs", "2", "--probe-warmup-epochs", "1", "--per-class", "2",
-                                      "--probe-optimizer", "sgd"])
-        p = torch.load(os.path.join(tmp, "p", "ckpt.pt"), weights_only=True)
-        assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
-        assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
-        assert 0 <= probe["top1"] <= 1
-        _refused(classify, args, os.path.join(tmp, "bad"), ((["--weights", "best"], "--weights"),
-                                                  (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
-                                                  (["--batch-size", "4096"], "batch")))
+    straight = classify.main(args + ["--out", os.path.join(tmp, "a")])
+    # the same 2-epoch run, killed right after writing its epoch-1 checkpoint, then resumed
+    stopped = args + ["--out", os.path.join(tmp, "b")]
+    _run_until_first_checkpoint("classify", stopped)
+    resumed = classify.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+    assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
+    a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True)["model"] for d in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])  # fine-tuned
+    # the probe, with a few labels per class: only the head moves; the body is the pretrained EMA
+    probe = classify.main(args + ["--out", os.path.join(tmp, "p"), "--probe", "--probe-batch-size", "10",
+                                  "--probe-epochs", "2", "--probe-warmup-epochs", "1", "--per-class", "2",
+                                  "--probe-optimizer", "sgd"])
+    p = torch.load(os.path.join(tmp, "p", "ckpt.pt"), weights_only=True)
+    assert all(torch.equal(p["model"][k], pre[k]) for k in pre if k in p["model"])
+    assert "2 epochs of 2 steps at batch 10" in open(os.path.join(tmp, "p", "finetune.log")).read()
+    assert 0 <= probe["top1"] <= 1
+    _refused(classify, args, os.path.join(tmp, "bad"), ((["--weights", "best"], "--weights"),
+                                              (["--probe", "--probe-optimizer", "adam"], "--probe-optimizer"),
+                                              (["--batch-size", "4096"], "batch")))
 
 
-def test_torchrun_two_ranks_match_accumulation():
+def test_torchrun_two_ranks_match_accumulation(pretrained, tmp):
     # 2 ranks draw micro-batches 0 and 1 of each step, as one process accumulating 2; the held-out accuracy is
     # counted over both ranks' shares
-    ckpt, data = pretrained()
+    ckpt, data = pretrained
     args = ["--ckpt", ckpt, "--data", data, "--val-data", data, "--batch-size", "8", "--epochs", "1",
             "--warmup-epochs", "1", "--blr", "0.05"]
-    with tempfile.TemporaryDirectory() as tmp:
-        one = classify.main(args + ["--out", os.path.join(tmp, "one"), "--device-batch-size", "4"])
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                              "-m", "finetune.classify", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
-                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-        two = torch.load(os.path.join(tmp, "two", "ckpt.pt"), weights_only=True)
-        a = torch.load(os.path.join(tmp, "one", "ckpt.pt"), weights_only=True)["model"]
-        assert two["history"][0]["top1"] == one["history"][0]["top1"]
-        assert math.isclose(two["history"][0]["loss"], one["history"][0]["loss"], abs_tol=1e-6)
-        assert all(torch.allclose(a[k], two["model"][k], atol=1e-5) for k in a)
+    one = classify.main(args + ["--out", os.path.join(tmp, "one"), "--device-batch-size", "4"])
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          "-m", "finetune.classify", *args, "--out", os.path.join(tmp, "two")], cwd=ROOT,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    two = torch.load(os.path.join(tmp, "two", "ckpt.pt"), weights_only=True)
+    a = torch.load(os.path.join(tmp, "one", "ckpt.pt"), weights_only=True)["model"]
+    assert two["history"][0]["top1"] == one["history"][0]["top1"]
+    assert math.isclose(two["history"][0]["loss"], one["history"][0]["loss"], abs_tol=1e-6)
+    assert all(torch.allclose(a[k], two["model"][k], atol=1e-5) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------ captioning
@@ -194,7 +186,7 @@ CAPTION = ["--caption-batch-size", "8", "--caption-epochs", "2", "--head-width",
            "--demo-val-images", "6"]  # the captioned demo's shapes at the checkpoint's 8 px
 
 
-def test_caption_head_shapes_and_greedy_decoding_is_causal():
+def test_caption_head_shapes_and_greedy_decoding_is_causal(pretrained):
     head = CaptionHead(in_dim=16, num_tokens=9, vocab_size=50, text_len=12, width=32, num_heads=4,
                                 encoder_layers=2, decoder_layers=2, dropout=0.1).eval()
     feats = torch.randn(3, 9, 16, generator=torch.Generator().manual_seed(0))
@@ -215,7 +207,7 @@ def test_caption_head_shapes_and_greedy_decoding_is_causal():
         changed = head(feats, other)
     assert torch.allclose(changed[:, :3], full[:, :3], atol=1e-5) and not torch.allclose(changed[:, 3], full[:, 3])
     # the captioner: the first feature_layer blocks of the body, run by hand, under the head
-    gen = checkpoint.load_checkpoint(pretrained()[0])[0]
+    gen = checkpoint.load_checkpoint(pretrained[0])[0]
     cap = caption.Captioner(gen, 2, 258, 45, 32, 4, 1, 1).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
@@ -227,8 +219,7 @@ def test_caption_head_shapes_and_greedy_decoding_is_causal():
     assert len(cap.blocks) == 2 and not [n for n, _ in cap.named_parameters() if n.startswith("blocks.2")]
 
 
-def _caption_steps(freeze, steps=2):
-    ckpt, _ = pretrained()
+def _caption_steps(ckpt, freeze, steps=2):
     cfg = dict(caption.config, ckpt=ckpt, caption_freeze_body=freeze, head_width=32, head_heads=4,
                head_encoder_layers=1, head_decoder_layers=1)
     model, _, opt, recipe, tok, text_len = caption.build_captioner(cfg, torch.device("cpu"))
@@ -242,15 +233,15 @@ def _caption_steps(freeze, steps=2):
     return model, opt, before, recipe
 
 
-def test_caption_body_frozen_or_at_its_own_lr():
-    model, opt, before, recipe = _caption_steps(freeze=True)
+def test_caption_body_frozen_or_at_its_own_lr(pretrained):
+    model, opt, before, recipe = _caption_steps(pretrained[0], freeze=True)
     for n, p in model.named_parameters():
         if n.startswith("head."):
             assert p.requires_grad and not torch.equal(p, before[n]), n
         else:
             assert p.grad is None and not p.requires_grad and torch.equal(p, before[n]), n
     assert all(g["lr"] == 1e-4 for g in opt.param_groups)  # only the head's groups
-    model, opt, before, recipe = _caption_steps(freeze=False)
+    model, opt, before, recipe = _caption_steps(pretrained[0], freeze=False)
     assert (recipe["lr"], recipe["batch_size"], recipe["epochs"]) == (1e-4, 256, 20)  # Table 13
     lr, decay = {}, {}
     for g in opt.param_groups:
@@ -266,74 +257,71 @@ def test_caption_body_frozen_or_at_its_own_lr():
         assert not torch.equal(p, before[n]), n  # the body trains too
 
 
-def test_caption_cider_evaluation_maxes_for_perfect_captions():
-    ckpt, _ = pretrained()
-    with tempfile.TemporaryDirectory() as tmp:
-        data = LatentData(demos.build_caption_demo_data(tmp, 8, 8, 3, 0))
-        tok = tokenization.build_tokenizer("")
+def test_caption_cider_evaluation_maxes_for_perfect_captions(pretrained, tmp):
+    ckpt, _ = pretrained
+    data = LatentData(demos.build_caption_demo_data(tmp, 8, 8, 3, 0))
+    tok = tokenization.build_tokenizer("")
 
-        class Oracle(torch.nn.Module):  # captions the images in order: their references, or shifted by one
-            def __init__(self, shift):
-                super().__init__()
-                self.i, self.shift = 0, shift
+    class Oracle(torch.nn.Module):  # captions the images in order: their references, or shifted by one
+        def __init__(self, shift):
+            super().__init__()
+            self.i, self.shift = 0, shift
 
-            def caption(self, latents, bos, eos):
-                refs = [data.captions[(self.i + k + self.shift) % len(data)][0] for k in range(len(latents))]
-                self.i += len(latents)
-                return tokenization.tokenize(tok, refs, 45)[0]
+        def caption(self, latents, bos, eos):
+            refs = [data.captions[(self.i + k + self.shift) % len(data)][0] for k in range(len(latents))]
+            self.i += len(latents)
+            return tokenization.tokenize(tok, refs, 45)[0]
 
-        args = (tok, 3, torch.device("cpu"), contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
-        perfect, captions = caption.evaluate_captions(Oracle(0), data, *args)
-        assert [captions[i] for i in range(len(data))] == [c[0] for c in data.captions]
-        assert math.isclose(perfect, 10.0, rel_tol=1e-9)  # CIDEr-D's maximum with one reference each
-        wrong, _ = caption.evaluate_captions(Oracle(1), data, *args)
-        assert wrong < perfect
-        model = _caption_steps(False, steps=0)[0]
-        score, _ = caption.evaluate_captions(model, data, *args)  # an untrained captioner: a number, far below
-        assert 0 <= score < 1 and model.training
+    args = (tok, 3, torch.device("cpu"), contextlib.nullcontext(), 0, 1)  # batches of 3, 3 and 2
+    perfect, captions = caption.evaluate_captions(Oracle(0), data, *args)
+    assert [captions[i] for i in range(len(data))] == [c[0] for c in data.captions]
+    assert math.isclose(perfect, 10.0, rel_tol=1e-9)  # CIDEr-D's maximum with one reference each
+    wrong, _ = caption.evaluate_captions(Oracle(1), data, *args)
+    assert wrong < perfect
+    model = _caption_steps(ckpt, False, steps=0)[0]
+    score, _ = caption.evaluate_captions(model, data, *args)  # an untrained captioner: a number, far below
+    assert 0 <= score < 1 and model.training
 
 
-def test_caption_finetune_resumes_exactly_and_freezes():
-    ckpt, shapes_data = pretrained()
+def test_caption_finetune_resumes_exactly_and_freezes(pretrained, tmp):
+    ckpt, shapes_data = pretrained
     args = ["--ckpt", ckpt] + CAPTION
-    with tempfile.TemporaryDirectory() as tmp:
-        straight = caption.main(args + ["--out", os.path.join(tmp, "a")])
-        stopped = args + ["--out", os.path.join(tmp, "b")]
-        _run_until_first_checkpoint("caption", stopped)
-        assert len(torch.load(os.path.join(tmp, "b", "ckpt.pt"), weights_only=True)["history"]) == 1
-        resumed = caption.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
-        assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
-        assert all(0 <= h["cider"] <= 10 and h["loss"] > 0 for h in straight["history"])
-        a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True) for d in "ab")
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-        assert a["tokenizer"] == {"kind": "bytes"} and a["text_len"] == 45
-        pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
-        assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
-        log = open(os.path.join(tmp, "a", "finetune.log")).read()
-        assert "2 epochs of 3 steps at batch 8" in log and "held-out CIDEr-D" in log and "6 held-out" in log
-        # frozen: the body in the checkpoint is the pretrained EMA's, bit for bit
-        caption.main(args + ["--out", os.path.join(tmp, "f"), "--caption-freeze-body", "--caption-epochs", "1"])
-        f = torch.load(os.path.join(tmp, "f", "ckpt.pt"), weights_only=True)["model"]
-        body = [k for k in f if not k.startswith("head.")]
-        assert body and all(torch.equal(f[k], pre[k]) for k in body)
-        _refused(caption, args, os.path.join(tmp, "bad"), ((["--feature-layer", "9"], "--feature-layer"),
-                                                           (["--task", "captions"], "--task"),
-                                                           (["--data", shapes_data, "--val-data", shapes_data],
-                                                            "no captions"),
-                                                           (["--caption-body-lr", "0"], "--caption-freeze-body")))
+    straight = caption.main(args + ["--out", os.path.join(tmp, "a")])
+    stopped = args + ["--out", os.path.join(tmp, "b")]
+    _run_until_first_checkpoint("caption", stopped)
+    assert len(torch.load(os.path.join(tmp, "b", "ckpt.pt"), weights_only=True)["history"]) == 1
+    resumed = caption.main(args + ["--out", os.path.join(tmp, "b"), "--resume"])
+    assert resumed["history"] == straight["history"] and len(straight["history"]) == 2
+    assert all(0 <= h["cider"] <= 10 and h["loss"] > 0 for h in straight["history"])
+    a, b = (torch.load(os.path.join(tmp, d, "ckpt.pt"), weights_only=True) for d in "ab")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["tokenizer"] == {"kind": "bytes"} and a["text_len"] == 45
+    pre = checkpoint.load_checkpoint(ckpt)[0].state_dict()
+    assert not torch.equal(a["model"]["blocks.0.attn.qkv.weight"], pre["blocks.0.attn.qkv.weight"])
+    log = open(os.path.join(tmp, "a", "finetune.log")).read()
+    assert "2 epochs of 3 steps at batch 8" in log and "held-out CIDEr-D" in log and "6 held-out" in log
+    # frozen: the body in the checkpoint is the pretrained EMA's, bit for bit
+    caption.main(args + ["--out", os.path.join(tmp, "f"), "--caption-freeze-body", "--caption-epochs", "1"])
+    f = torch.load(os.path.join(tmp, "f", "ckpt.pt"), weights_only=True)["model"]
+    body = [k for k in f if not k.startswith("head.")]
+    assert body and all(torch.equal(f[k], pre[k]) for k in body)
+    _refused(caption, args, os.path.join(tmp, "bad"), ((["--feature-layer", "9"], "--feature-layer"),
+                                                       (["--task", "captions"], "--task"),
+                                                       (["--data", shapes_data, "--val-data", shapes_data],
+                                                        "no captions"),
+                                                       (["--caption-body-lr", "0"], "--caption-freeze-body")))
 
 
-def test_caption_finetune_takes_a_text_checkpoints_tokenizer():
+def test_caption_finetune_takes_a_text_checkpoints_tokenizer(tmp):
     # a text checkpoint's own tokenizer and text length, unless --tokenizer names another: here a learned BPE
-    with tempfile.TemporaryDirectory() as tmp:
-        run = os.path.join(tmp, "run")
-        train.main(TINY + ["--demo", "captions", "--demo-image-size", "8", "--demo-images", "32", "--flip", "false",
-                           "--learn-tokenizer", "400", "--text-len", "10", "--max-steps", "1", "--out", run])
-        own = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["tokenizer"]
-        args = ["--ckpt", os.path.join(run, "ckpt.pt")] + CAPTION[:-6] + ["--caption-epochs", "1", "--demo-images",
-                                                                           "24", "--demo-val-images", "6"]
-        caption.main(args + ["--out", os.path.join(tmp, "ft")])
-        ft = torch.load(os.path.join(tmp, "ft", "ckpt.pt"), weights_only=True)
-        assert own["kind"] == "bpe" and ft["tokenizer"] == own and ft["text_len"] == 10
-        log = open(os.path.join(tmp, "ft", "finetune.log")).read()
-        assert "bpe tokenizer, 10 text tokens" in log and "captions cut 0/" in log, log
+    run = os.path.join(tmp, "run")
+    train.main(TINY + ["--demo", "captions", "--demo-image-size", "8", "--demo-images", "32", "--flip", "false",
+                       "--learn-tokenizer", "400", "--text-len", "10", "--max-steps", "1", "--out", run])
+    own = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)["tokenizer"]
+    args = ["--ckpt", os.path.join(run, "ckpt.pt")] + CAPTION[:-6] + ["--caption-epochs", "1", "--demo-images",
+                                                                       "24", "--demo-val-images", "6"]
+    caption.main(args + ["--out", os.path.join(tmp, "ft")])
+    ft = torch.load(os.path.join(tmp, "ft", "ckpt.pt"), weights_only=True)
+    assert own["kind"] == "bpe" and ft["tokenizer"] == own and ft["text_len"] == 10
+    log = open(os.path.join(tmp, "ft", "finetune.log")).read()
+    assert "bpe tokenizer, 10 text tokens" in log and "captions cut 0/" in log, log

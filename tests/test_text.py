@@ -7,10 +7,11 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
-import tempfile
 
+import pytest
 import torch
 
 from coco import cider
@@ -39,12 +40,8 @@ def test_tokenizer_bytes_roundtrip_and_layout():
     assert tok.decode(ids[2].tolist()) == "hé"
     assert tok.decode(tokenization.tokenize(tok, ["東"], 4)[0][0].tolist()) == "\ufffd"  # 2 of 3 bytes: replaced
     assert tokenization.tokenize(tok, ["abc", "abcd", "ab"], 4)[2] == 2
-    try:
+    with pytest.raises(ValueError):  # length 1 has no room for BOS and EOS
         tokenization.tokenize(tok, ["a"], 1)
-    except ValueError:
-        pass
-    else:
-        raise AssertionError("length 1 has no room for BOS and EOS")
 
 
 def _gpt2_byte_order():
@@ -64,59 +61,53 @@ def _write_bpe(path, merges=MERGES):
     return len(tokens)
 
 
-def test_tokenizer_tiktoken_bpe_file():
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "tokenizer.model")
-        n_ranks = _write_bpe(path)
-        tok = tokenization.build_tokenizer(path)
-        assert tok.kind == "tiktoken" and n_ranks == 260
-        assert (tok.bos, tok.eos, tok.vocab_size) == (260, 261, 260 + 256)
-        # pre-tokens "abc" " ab" " a" " cab" " é"; by the merges: abc -> ab,c -> abc (257); " ab" -> " ",ab ->
-        # " ab" (259); " a" (258); " cab" -> " ",c,ab (no "cab"/" c"): 220 66 256; " é" -> bytes 20 c3 a9, no
-        # merges. Ranks of single bytes: '!'..'~' are 0..93 (a = 97 - 33 = 64, c = 66), ¡..¬ 94..105 (0xa9 -> 102),
-        # ®..ÿ 106..187 (0xc3 -> 106 + 195 - 174 = 127), then 0..32 from 188 (space = 220)
-        text = "abc ab a cab é"
-        assert tok.encode(text) == [257, 259, 258, 220, 66, 256, 220, 127, 102], tok.encode(text)
-        assert tok.decode(tok.encode(text)) == text
-        assert tok.encode("<|eot_id|>") == tok.encode("<|eot_id") + tok.encode("|>")  # specials are plain text
-        names = {260: "<|begin_of_text|>", 261: "<|end_of_text|>", 262: "<|reserved_special_token_0|>",
-                 265: "<|reserved_special_token_3|>", 266: "<|start_header_id|>", 267: "<|end_header_id|>",
-                 268: "<|reserved_special_token_4|>", 269: "<|eot_id|>", 270: "<|reserved_special_token_5|>",
-                 515: "<|reserved_special_token_250|>"}
-        for i, name in names.items():
-            assert tok.enc.decode_single_token_bytes(i) == name.encode(), i
-        assert tok.enc.n_vocab == 516
-        ids, lengths, truncated = tokenization.tokenize(tok, ["abc ab", "cab é"], 5)  # 2 and 5 tokens, 3 slots
-        assert ids.tolist() == [[260, 257, 259, 261, 261], [260, 66, 256, 220, 261]] and lengths.tolist() == [4, 5]
-        assert truncated == 1
+def test_tokenizer_tiktoken_bpe_file(tmp):
+    path = os.path.join(tmp, "tokenizer.model")
+    n_ranks = _write_bpe(path)
+    tok = tokenization.build_tokenizer(path)
+    assert tok.kind == "tiktoken" and n_ranks == 260
+    assert (tok.bos, tok.eos, tok.vocab_size) == (260, 261, 260 + 256)
+    # pre-tokens "abc" " ab" " a" " cab" " é"; by the merges: abc -> ab,c -> abc (257); " ab" -> " ",ab ->
+    # " ab" (259); " a" (258); " cab" -> " ",c,ab (no "cab"/" c"): 220 66 256; " é" -> bytes 20 c3 a9, no
+    # merges. Ranks of single bytes: '!'..'~' are 0..93 (a = 97 - 33 = 64, c = 66), ¡..¬ 94..105 (0xa9 -> 102),
+    # ®..ÿ 106..187 (0xc3 -> 106 + 195 - 174 = 127), then 0..32 from 188 (space = 220)
+    text = "abc ab a cab é"
+    assert tok.encode(text) == [257, 259, 258, 220, 66, 256, 220, 127, 102], tok.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.encode("<|eot_id|>") == tok.encode("<|eot_id") + tok.encode("|>")  # specials are plain text
+    names = {260: "<|begin_of_text|>", 261: "<|end_of_text|>", 262: "<|reserved_special_token_0|>",
+             265: "<|reserved_special_token_3|>", 266: "<|start_header_id|>", 267: "<|end_header_id|>",
+             268: "<|reserved_special_token_4|>", 269: "<|eot_id|>", 270: "<|reserved_special_token_5|>",
+             515: "<|reserved_special_token_250|>"}
+    for i, name in names.items():
+        assert tok.enc.decode_single_token_bytes(i) == name.encode(), i
+    assert tok.enc.n_vocab == 516
+    ids, lengths, truncated = tokenization.tokenize(tok, ["abc ab", "cab é"], 5)  # 2 and 5 tokens, 3 slots
+    assert ids.tolist() == [[260, 257, 259, 261, 261], [260, 66, 256, 220, 261]] and lengths.tolist() == [4, 5]
+    assert truncated == 1
 
-        # checkpoint round trip: only plain values and tensors, loadable with weights_only=True
-        buf = io.BytesIO()
-        torch.save({"tokenizer": tok.state()}, buf)
-        buf.seek(0)
-        state = torch.load(buf, weights_only=True)["tokenizer"]
-        again = tokenization.from_state(state)
-        assert again.encode(text) == tok.encode(text) and (again.bos, again.eos) == (260, 261)
-        assert tokenization.from_state({"kind": "bytes"}).encode("é") == [0xC3, 0xA9]
+    # checkpoint round trip: only plain values and tensors, loadable with weights_only=True
+    buf = io.BytesIO()
+    torch.save({"tokenizer": tok.state()}, buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)["tokenizer"]
+    again = tokenization.from_state(state)
+    assert again.encode(text) == tok.encode(text) and (again.bos, again.eos) == (260, 261)
+    assert tokenization.from_state({"kind": "bytes"}).encode("é") == [0xC3, 0xA9]
 
-        tokenization.check_same(state, path)  # the same file: accepted
-        tokenization.check_same(state, "")  # no --tokenizer: nothing to check
-        other = os.path.join(d, "other.model")
-        _write_bpe(other, MERGES + [b"bc"])
-        for st, p in ((state, other), ({"kind": "bytes"}, path)):
-            try:
-                tokenization.check_same(st, p)
-            except ValueError as e:
-                assert p in str(e) and ("byte tokenizer" in str(e) or tok.sha256 in str(e)), str(e)
-            else:
-                raise AssertionError(f"{p} was accepted for a checkpoint trained with {st['kind']}")
-        state["file"] = torch.frombuffer(bytearray(open(other, "rb").read()), dtype=torch.uint8)  # a valid file,
-        try:                                                                                      # not its sha256
-            tokenization.from_state(state)
-        except ValueError as e:
-            assert "sha256" in str(e), str(e)
-        else:
-            raise AssertionError("a tokenizer file that does not match its sha256 was accepted")
+    tokenization.check_same(state, path)  # the same file: accepted
+    tokenization.check_same(state, "")  # no --tokenizer: nothing to check
+    other = os.path.join(tmp, "other.model")
+    _write_bpe(other, MERGES + [b"bc"])
+    for st, p in ((state, other), ({"kind": "bytes"}, path)):
+        with pytest.raises(ValueError) as excinfo:
+            tokenization.check_same(st, p)
+        e = str(excinfo.value)
+        assert p in e and ("byte tokenizer" in e or tok.sha256 in e), e
+    # a valid file, not its sha256
+    state["file"] = torch.frombuffer(bytearray(open(other, "rb").read()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="sha256"):
+        tokenization.from_state(state)
 
 
 def test_tokenizer_learned_bpe():
@@ -141,49 +132,29 @@ def test_tokenizer_learned_bpe():
     state = torch.load(buf, weights_only=True)["tokenizer"]
     assert tokenization.from_state(state).encode("a small green shape") == tok.encode("a small green shape")
     assert tokenization.learn_bpe(captions[:7], 400).sha256 != tok.sha256
-    try:
-        tokenization.check_same(state, __file__)  # a file given at sampling time is not a learned BPE
-    except ValueError as e:
-        assert "learned from its captions" in str(e), str(e)
-    else:
-        raise AssertionError("a --tokenizer file was accepted for a learned BPE")
-    try:
+    with pytest.raises(ValueError, match="learned from its captions"):  # a file at sampling time is not a learned BPE
+        tokenization.check_same(state, __file__)
+    with pytest.raises(ValueError) as excinfo:  # a vocabulary smaller than the byte alphabet
         tokenization.learn_bpe(captions, 257)
-    except ValueError as e:
-        assert "--learn-tokenizer 257" in str(e) and "258" in str(e), str(e)
-    else:
-        raise AssertionError("a vocabulary smaller than the byte alphabet was accepted")
+    assert "--learn-tokenizer 257" in str(excinfo.value) and "258" in str(excinfo.value), str(excinfo.value)
 
 
-def test_tokenizer_bad_files():
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "tokenizer.model")
-        _write_bpe(path)
-        lines = open(path, "rb").read().split(b"\n")
-        for bad in (b"YWI=", b"YWI= x", b"***= 7", b"YWI= 7 8"):  # no rank, bad rank, bad base64, extra field
-            open(path, "wb").write(b"\n".join(lines[:4] + [bad] + lines[5:]))
-            try:
-                tokenization.build_tokenizer(path)
-            except ValueError as e:
-                assert f"{path}: line 5:" in str(e), str(e)
-            else:
-                raise AssertionError(f"malformed line {bad!r} was accepted")
-        open(path, "wb").write(b"\n".join(lines[:4] + [lines[3]] + lines[5:]))  # a duplicate token
-        try:
+def test_tokenizer_bad_files(tmp):
+    path = os.path.join(tmp, "tokenizer.model")
+    _write_bpe(path)
+    lines = open(path, "rb").read().split(b"\n")
+    for bad in (b"YWI=", b"YWI= x", b"***= 7", b"YWI= 7 8"):  # no rank, bad rank, bad base64, extra field
+        open(path, "wb").write(b"\n".join(lines[:4] + [bad] + lines[5:]))
+        with pytest.raises(ValueError, match=re.escape(f"{path}: line 5:")):
             tokenization.build_tokenizer(path)
-        except ValueError as e:
-            assert "line 5" in str(e), str(e)
-        else:
-            raise AssertionError("a duplicate token was accepted")
-        missing = os.path.join(d, "nope.model")
-        for call in (lambda: tokenization.build_tokenizer(missing),
-                     lambda: tokenization.check_same({"kind": "bytes"}, missing)):
-            try:
-                call()
-            except FileNotFoundError as e:
-                assert missing in str(e), str(e)
-            else:
-                raise AssertionError("a missing tokenizer file was accepted")
+    open(path, "wb").write(b"\n".join(lines[:4] + [lines[3]] + lines[5:]))  # a duplicate token
+    with pytest.raises(ValueError, match="line 5"):
+        tokenization.build_tokenizer(path)
+    missing = os.path.join(tmp, "nope.model")
+    for call in (lambda: tokenization.build_tokenizer(missing),
+                 lambda: tokenization.check_same({"kind": "bytes"}, missing)):
+        with pytest.raises(FileNotFoundError, match=re.escape(missing)):
+            call()
 
 
 # ------------------------------------------------------------------------------------------ CIDEr-D
@@ -270,59 +241,52 @@ def test_cider_no_shared_ngram_and_errors():
     assert cider.coco_tokenize("A dog's toy, on the table... (it can't) -- 3.5 \"feet\"") == \
         ["a", "dog", "'s", "toy", "on", "the", "table", "it", "ca", "n't", "3.5", "feet"]
     for c, r, word in (({"A": "x", "C": "y"}, refs, "'C'"), ({"A": "x"}, refs, "'B'"), ({"A": "x"}, {"A": []}, "'A'")):
-        try:
+        with pytest.raises(ValueError, match=re.escape(word)):
             cider.cider_d(c, r)
-        except ValueError as e:
-            assert word in str(e), str(e)
-        else:
-            raise AssertionError(f"{c} / {r} was accepted")
 
 
-def test_cider_command_line():
-    with tempfile.TemporaryDirectory() as d:
-        meta, caps, per = (os.path.join(d, n) for n in ("metadata.jsonl", "captions.jsonl", "per.jsonl"))
-        rows = [{"file_name": "imgs/a.png", "text": ["a man riding a horse", "a person on a horse"]},
-                {"file_name": "b.png", "text": "a dog on a couch"},
-                {"file_name": "sub/c.png", "text": ["two dogs in the grass", "dogs playing outside"]}]
-        with open(meta, "w") as f:
-            f.write(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
-        texts = ["a man on a horse", "a dog sleeping on a couch", "two dogs playing"]
-        with open(caps, "w") as f:  # by relative path, by base name, by index (2: the third non-empty line)
-            for source, text in zip(["imgs/a.png", "b.png", 2], texts):
-                f.write(json.dumps({"source": source, "text": text}) + "\n")
-        want, want_scores = cider.cider_d(dict(zip("abc", texts)), {k: r["text"] if isinstance(r["text"], list)
-                                                                    else [r["text"]] for k, r in zip("abc", rows)})
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            cider.main([caps, meta, "--per-image", per])
-        assert f"CIDEr-D: {want:.6f} (3 images)" in out.getvalue(), out.getvalue()
-        lines = [json.loads(line) for line in open(per)]
-        assert [x["source"] for x in lines] == ["imgs/a.png", "b.png", 2]
-        assert [x["file_name"] for x in lines] == [os.path.normpath(p) for p in ("imgs/a.png", "b.png", "sub/c.png")]
-        assert all(abs(x["cider_d"] - s) < 1e-12 for x, s in zip(lines, want_scores))
-        run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
-                             capture_output=True, text=True, cwd=d, env=dict(os.environ, PYTHONPATH=ROOT))
-        assert run.returncode == 0 and f"CIDEr-D: {want:.6f}" in run.stdout, run.stdout + run.stderr
+def test_cider_command_line(tmp):
+    meta, caps, per = (os.path.join(tmp, n) for n in ("metadata.jsonl", "captions.jsonl", "per.jsonl"))
+    rows = [{"file_name": "imgs/a.png", "text": ["a man riding a horse", "a person on a horse"]},
+            {"file_name": "b.png", "text": "a dog on a couch"},
+            {"file_name": "sub/c.png", "text": ["two dogs in the grass", "dogs playing outside"]}]
+    with open(meta, "w") as f:
+        f.write(json.dumps(rows[0]) + "\n\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2]) + "\n")
+    texts = ["a man on a horse", "a dog sleeping on a couch", "two dogs playing"]
+    with open(caps, "w") as f:  # by relative path, by base name, by index (2: the third non-empty line)
+        for source, text in zip(["imgs/a.png", "b.png", 2], texts):
+            f.write(json.dumps({"source": source, "text": text}) + "\n")
+    want, want_scores = cider.cider_d(dict(zip("abc", texts)), {k: r["text"] if isinstance(r["text"], list)
+                                                                else [r["text"]] for k, r in zip("abc", rows)})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        cider.main([caps, meta, "--per-image", per])
+    assert f"CIDEr-D: {want:.6f} (3 images)" in out.getvalue(), out.getvalue()
+    lines = [json.loads(line) for line in open(per)]
+    assert [x["source"] for x in lines] == ["imgs/a.png", "b.png", 2]
+    assert [x["file_name"] for x in lines] == [os.path.normpath(p) for p in ("imgs/a.png", "b.png", "sub/c.png")]
+    assert all(abs(x["cider_d"] - s) < 1e-12 for x, s in zip(lines, want_scores))
+    run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
+                         capture_output=True, text=True, cwd=tmp, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode == 0 and f"CIDEr-D: {want:.6f}" in run.stdout, run.stdout + run.stderr
 
-        with open(meta, "a") as f:
-            f.write('{"file_name": "d.png"}\n{oops\n')  # lines 5 (no text) and 6 (bad JSON)
-        run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
-                             capture_output=True, text=True, cwd=d, env=dict(os.environ, PYTHONPATH=ROOT))
-        assert run.returncode != 0 and f"{meta}: line 5: missing 'text'" in run.stderr, run.stderr
-        assert run.stderr.startswith("coco.cider: error:"), run.stderr
-        with open(meta, "w") as f:
-            f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n")
-        assert f"{meta}: line 3: invalid JSON" in _main_error([caps, meta])
-        with open(meta, "w") as f:
-            f.write("\n".join(json.dumps(r) for r in rows))
-        with open(caps, "w") as f:
-            f.write(json.dumps({"source": 0, "text": "x"}) + "\n" + json.dumps({"source": "zzz.png", "text": "y"}))
-        assert f"{caps}: line 2: source 'zzz.png' has no reference" in _main_error([caps, meta])
+    with open(meta, "a") as f:
+        f.write('{"file_name": "d.png"}\n{oops\n')  # lines 5 (no text) and 6 (bad JSON)
+    run = subprocess.run([sys.executable, "-m", "coco.cider", caps, meta],
+                         capture_output=True, text=True, cwd=tmp, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert run.returncode != 0 and f"{meta}: line 5: missing 'text'" in run.stderr, run.stderr
+    assert run.stderr.startswith("coco.cider: error:"), run.stderr
+    with open(meta, "w") as f:
+        f.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n{oops\n")
+    assert f"{meta}: line 3: invalid JSON" in _main_error([caps, meta])
+    with open(meta, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows))
+    with open(caps, "w") as f:
+        f.write(json.dumps({"source": 0, "text": "x"}) + "\n" + json.dumps({"source": "zzz.png", "text": "y"}))
+    assert f"{caps}: line 2: source 'zzz.png' has no reference" in _main_error([caps, meta])
 
 
 def _main_error(argv):
-    try:
+    with pytest.raises(cider.InputError) as excinfo:
         cider.main(argv)
-    except cider.InputError as e:
-        return str(e)
-    raise AssertionError(f"{argv} was accepted")
+    return str(excinfo.value)

@@ -1,12 +1,14 @@
-"""Tests of vae.py (checkpoint layouts, shapes) and latents.py / extract_latents.py (extraction, resuming, bad input)."""
+"""Tests of vae.py (checkpoint layouts, shapes) and latents.py / extract_latents.py (extraction, resuming, bad
+input)."""
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
@@ -153,87 +155,74 @@ def _reference(sd, arch, x):
     return mean, logvar.clamp(-30, 20), conv(F.silu(norm(h, "decoder.norm_out")), "decoder.conv_out", padding=1)
 
 
-def test_vae_safetensors_reader_roundtrip():
+def test_vae_safetensors_reader_roundtrip(tmp):
     g = torch.Generator().manual_seed(0)
     tensors = {"f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
                "bf16": torch.randn(2, 3, generator=g).bfloat16(), "i64": torch.arange(-3, 4),
                "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
                "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "t.safetensors")
-        _write_safetensors(tensors, path, metadata={"format": "pt"})
-        got = vae_lib.read_safetensors(path)
-        with open(path, "wb") as f:
-            f.write(b"\xff" * 16)
-        try:
-            vae_lib.read_safetensors(path)
-            raise AssertionError("a corrupt header must be an error")
-        except ValueError as e:
-            assert path in str(e)
+    path = os.path.join(tmp, "t.safetensors")
+    _write_safetensors(tensors, path, metadata={"format": "pt"})
+    got = vae_lib.read_safetensors(path)
+    with open(path, "wb") as f:
+        f.write(b"\xff" * 16)
+    with pytest.raises(ValueError, match=re.escape(path)):  # a corrupt header
+        vae_lib.read_safetensors(path)
     assert set(got) == set(tensors)
     for name, t in tensors.items():
         assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
 
 
-def test_vae_every_checkpoint_layout_loads_the_same_model():
+def test_vae_every_checkpoint_layout_loads_the_same_model(tmp):
     g = torch.Generator().manual_seed(1)
     ldm = _random_weights(_layout(TINY), g)
     x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
     with torch.no_grad():
         ref = _reference(ldm, TINY, x)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        files["CompVis .ckpt"] = p = os.path.join(tmp, "model.ckpt")  # with its loss network, which is dropped
-        torch.save({"state_dict": {**ldm, "loss.discriminator.main.0.weight": torch.zeros(2)}, "global_step": 3}, p)
-        files["MAR kl16.ckpt"] = p = os.path.join(tmp, "kl16.ckpt")
-        torch.save({"model": ldm, "args": argparse.Namespace(vae_embed_dim=16)}, p)
-        for old in (False, True):
-            dif = _diffusers(_layout(TINY, old_attn=old), ldm)
-            assert len(dif) == len(ldm)
-            folder = os.path.join(tmp, f"diffusers_old{old}")
-            os.makedirs(os.path.join(folder, "vae"))
-            files[f"diffusers folder (old attn names: {old})"] = folder  # found in its vae/ subfolder
-            _write_safetensors(dif, os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
-            files[f"diffusers .bin (old attn names: {old})"] = p = os.path.join(tmp, f"old{old}.bin")
-            torch.save(dif, p)
-        for what, path in files.items():
-            model = vae_lib.build_vae("mar", path, **TINY)
-            assert set(model.state_dict()) == set(ldm), what
-            with torch.no_grad():
-                mean, logvar = model.encode_moments(x)
-                out = model.decode(mean)
-            for a, b in zip((mean, logvar, out), ref):
-                assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4), (what, (a - b).abs().max())
+    files = {}
+    files["CompVis .ckpt"] = p = os.path.join(tmp, "model.ckpt")  # with its loss network, which is dropped
+    torch.save({"state_dict": {**ldm, "loss.discriminator.main.0.weight": torch.zeros(2)}, "global_step": 3}, p)
+    files["MAR kl16.ckpt"] = p = os.path.join(tmp, "kl16.ckpt")
+    torch.save({"model": ldm, "args": argparse.Namespace(vae_embed_dim=16)}, p)
+    for old in (False, True):
+        dif = _diffusers(_layout(TINY, old_attn=old), ldm)
+        assert len(dif) == len(ldm)
+        folder = os.path.join(tmp, f"diffusers_old{old}")
+        os.makedirs(os.path.join(folder, "vae"))
+        files[f"diffusers folder (old attn names: {old})"] = folder  # found in its vae/ subfolder
+        _write_safetensors(dif, os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors"))
+        files[f"diffusers .bin (old attn names: {old})"] = p = os.path.join(tmp, f"old{old}.bin")
+        torch.save(dif, p)
+    for what, path in files.items():
+        model = vae_lib.build_vae("mar", path, **TINY)
+        assert set(model.state_dict()) == set(ldm), what
+        with torch.no_grad():
+            mean, logvar = model.encode_moments(x)
+            out = model.decode(mean)
+        for a, b in zip((mean, logvar, out), ref):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5, rtol=1e-4), (what, (a - b).abs().max())
     assert ref[0].shape == (2, 4, 4, 4) and ref[2].shape == (2, 3, 16, 16)
 
 
-def test_vae_loading_is_strict():
+def test_vae_loading_is_strict(tmp):
     g = torch.Generator().manual_seed(2)
     ldm = _random_weights(_layout(TINY), g)
     without = {k: v for k, v in ldm.items() if k != "decoder.conv_out.bias"}
     cases = {"missing keys (1): ['decoder.conv_out.bias']": without,
              "unexpected keys (1): ['encoder.extra.weight']": {**ldm, "encoder.extra.weight": torch.zeros(1)},
              "quant_conv.bias: (3,) in the file, (8,) in the model": {**ldm, "quant_conv.bias": torch.zeros(3)}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for expected, sd in cases.items():
-            path = os.path.join(tmp, "bad.ckpt")
-            torch.save({"state_dict": sd}, path)
-            try:
-                vae_lib.build_vae("sd", path, **TINY)
-                raise AssertionError(f"loading must fail with {expected}")
-            except ValueError as e:
-                assert expected in str(e) and path in str(e), str(e)
+    for expected, sd in cases.items():
+        path = os.path.join(tmp, "bad.ckpt")
+        torch.save({"state_dict": sd}, path)
+        with pytest.raises(ValueError) as excinfo:
+            vae_lib.build_vae("sd", path, **TINY)
+        assert expected in str(excinfo.value) and path in str(excinfo.value), str(excinfo.value)
     for kind, where in (("sd", "stabilityai/sd-vae-ft-ema"), ("mar", "kl16.ckpt")):
-        try:
+        with pytest.raises(ValueError) as excinfo:  # no weights
             vae_lib.build_vae(kind)
-            raise AssertionError("no weights must be an error")
-        except ValueError as e:
-            assert "--vae-ckpt" in str(e) and where in str(e), str(e)
-    try:
+        assert "--vae-ckpt" in str(excinfo.value) and where in str(excinfo.value), str(excinfo.value)
+    with pytest.raises(ValueError, match="'kl8'"):  # an unknown VAE
         vae_lib.build_vae("kl8")
-        raise AssertionError("an unknown VAE must be an error")
-    except ValueError as e:
-        assert "'kl8'" in str(e)
 
 
 def test_vae_real_architectures_shapes_256_and_512():
@@ -308,135 +297,119 @@ def test_extract_adm_center_crop():
     assert center_crop(_draw((16, 40), 2), 16).size == (16, 16)
 
 
-def test_extract_pixels_labels_flip_skipped_and_batches():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        good, labels, bad = _make_tree(root)
-        meta = extract(root, out, vae="none", image_size=16, batch_size=3, shard_size=4, num_workers=2)
-        data = LatentData(out)
-        assert meta["count"] == len(data) == 7 and meta["skipped"] == 2 and sorted(meta["skipped_files"]) == sorted(bad)
-        assert len(meta["shards"]) == 3  # 9 image files in shards of 4, unreadable ones left out
-        assert data.class_names == ["ant", "bee", "cat"] and data.num_classes == 3
-        assert data.labels.tolist() == labels and data.labels.dtype == torch.long
-        assert data.latent_shape == (3, 16, 16) and data.scale_factor == 1.0 and data.vae == "none"
-        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2, 1, 3, 16, 16)
-        assert stored.shape == (7, 2, 1, 3, 16, 16)
-        for i, path in enumerate(good):
-            x = _pixels(path, 16).float() / 127.5 - 1
-            assert torch.allclose(stored[i, 0, 0], x, atol=1e-3), path  # fp16 storage
-            assert torch.equal(stored[i, 1, 0], stored[i, 0, 0].flip(2)), path
-        z, y = data.batch(torch.arange(7), torch.Generator().manual_seed(0))
-        assert z.shape == (7, 3, 16, 16) and z.dtype == torch.float32 and torch.equal(y, data.labels)
-        flipped = [torch.equal(z[i], stored[i, 1, 0]) for i in range(7)]
-        assert all(f or torch.equal(z[i], stored[i, 0, 0]) for i, f in enumerate(flipped))
-        z2, _ = data.batch(torch.arange(7), torch.Generator().manual_seed(0))
-        assert torch.equal(z, z2)  # same generator state, same batch
-        idx = torch.tensor([6, 0, 3, 3, 5])  # any order, repeats, across shards
-        g = torch.Generator().manual_seed(1)
-        picks = set()
-        for _ in range(20):
-            z, y = data.batch(idx, g)
-            assert torch.equal(y, data.labels[idx])
-            for b, i in enumerate(idx):
-                picks.add(next(f for f in (0, 1) if torch.equal(z[b], stored[i, f, 0])))
-        assert picks == {0, 1}
+def test_extract_pixels_labels_flip_skipped_and_batches(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    good, labels, bad = _make_tree(root)
+    meta = extract(root, out, vae="none", image_size=16, batch_size=3, shard_size=4, num_workers=2)
+    data = LatentData(out)
+    assert meta["count"] == len(data) == 7 and meta["skipped"] == 2 and sorted(meta["skipped_files"]) == sorted(bad)
+    assert len(meta["shards"]) == 3  # 9 image files in shards of 4, unreadable ones left out
+    assert data.class_names == ["ant", "bee", "cat"] and data.num_classes == 3
+    assert data.labels.tolist() == labels and data.labels.dtype == torch.long
+    assert data.latent_shape == (3, 16, 16) and data.scale_factor == 1.0 and data.vae == "none"
+    stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2, 1, 3, 16, 16)
+    assert stored.shape == (7, 2, 1, 3, 16, 16)
+    for i, path in enumerate(good):
+        x = _pixels(path, 16).float() / 127.5 - 1
+        assert torch.allclose(stored[i, 0, 0], x, atol=1e-3), path  # fp16 storage
+        assert torch.equal(stored[i, 1, 0], stored[i, 0, 0].flip(2)), path
+    z, y = data.batch(torch.arange(7), torch.Generator().manual_seed(0))
+    assert z.shape == (7, 3, 16, 16) and z.dtype == torch.float32 and torch.equal(y, data.labels)
+    flipped = [torch.equal(z[i], stored[i, 1, 0]) for i in range(7)]
+    assert all(f or torch.equal(z[i], stored[i, 0, 0]) for i, f in enumerate(flipped))
+    z2, _ = data.batch(torch.arange(7), torch.Generator().manual_seed(0))
+    assert torch.equal(z, z2)  # same generator state, same batch
+    idx = torch.tensor([6, 0, 3, 3, 5])  # any order, repeats, across shards
+    g = torch.Generator().manual_seed(1)
+    picks = set()
+    for _ in range(20):
+        z, y = data.batch(idx, g)
+        assert torch.equal(y, data.labels[idx])
+        for b, i in enumerate(idx):
+            picks.add(next(f for f in (0, 1) if torch.equal(z[b], stored[i, f, 0])))
+    assert picks == {0, 1}
 
 
-def test_extract_random_mar_vae_moments_and_sampling():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        good, labels, _ = _make_tree(root)
-        meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=32, batch_size=4, shard_size=5,
-                       num_workers=0, dtype="fp32")
-        data = LatentData(out)
-        assert meta["skipped"] == 2 and data.labels.tolist() == labels
-        assert data.latent_shape == (16, 2, 2) and data.scale_factor == 0.2325 and data.vae == "mar"
-        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2 flips, 2 moments, 16, 2, 2)
-        assert stored.shape == (7, 2, 2, 16, 2, 2)
-        x = torch.stack([_pixels(p, 32) for p in good]).float() / 127.5 - 1
-        model = vae_lib.build_vae("mar", "random")
-        with torch.no_grad():
-            for f, xf in enumerate((x, x.flip(3))):
-                for m, ref in enumerate(model.encode_moments(xf)):
-                    assert torch.allclose(stored[:, f, m], ref, atol=2e-3, rtol=2e-3), (f, m)
-        g = torch.Generator().manual_seed(3)
-        z, y = data.batch([4, 1, 2], g)
-        g = torch.Generator().manual_seed(3)  # the documented draws: a flip per example, then eps
-        flip, eps = torch.randint(0, 2, (3,), generator=g), torch.randn(3, 16, 2, 2, generator=g)
-        mom = stored[[4, 1, 2], flip]  # (3, 2, 16, 2, 2)
-        assert torch.allclose(z, 0.2325 * (mom[:, 0] + torch.exp(0.5 * mom[:, 1]) * eps), atol=1e-6)
-        assert y.tolist() == [labels[4], labels[1], labels[2]]
+def test_extract_random_mar_vae_moments_and_sampling(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    good, labels, _ = _make_tree(root)
+    meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=32, batch_size=4, shard_size=5,
+                   num_workers=0, dtype="fp32")
+    data = LatentData(out)
+    assert meta["skipped"] == 2 and data.labels.tolist() == labels
+    assert data.latent_shape == (16, 2, 2) and data.scale_factor == 0.2325 and data.vae == "mar"
+    stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2 flips, 2 moments, 16, 2, 2)
+    assert stored.shape == (7, 2, 2, 16, 2, 2)
+    x = torch.stack([_pixels(p, 32) for p in good]).float() / 127.5 - 1
+    model = vae_lib.build_vae("mar", "random")
+    with torch.no_grad():
+        for f, xf in enumerate((x, x.flip(3))):
+            for m, ref in enumerate(model.encode_moments(xf)):
+                assert torch.allclose(stored[:, f, m], ref, atol=2e-3, rtol=2e-3), (f, m)
+    g = torch.Generator().manual_seed(3)
+    z, y = data.batch([4, 1, 2], g)
+    g = torch.Generator().manual_seed(3)  # the documented draws: a flip per example, then eps
+    flip, eps = torch.randint(0, 2, (3,), generator=g), torch.randn(3, 16, 2, 2, generator=g)
+    mom = stored[[4, 1, 2], flip]  # (3, 2, 16, 2, 2)
+    assert torch.allclose(z, 0.2325 * (mom[:, 0] + torch.exp(0.5 * mom[:, 1]) * eps), atol=1e-6)
+    assert y.tolist() == [labels[4], labels[1], labels[2]]
 
 
-def test_extract_resume_guard_and_bad_input():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        _make_tree(root)
-        opts = dict(vae="none", image_size=16, batch_size=2, shard_size=4, num_workers=0)
-        extract(root, out, **opts)
-        before = np.concatenate(LatentData(out).shards)
-        # an interruption: shard 1 lost (a half-written temporary left behind), no meta.json yet
-        for name in ("shard_00001.json", "shard_00001.npy", "meta.json"):
-            os.remove(os.path.join(out, name))
-        open(os.path.join(out, "shard_00001.npy.tmp"), "wb").write(b"half")
-        try:
+def test_extract_resume_guard_and_bad_input(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    _make_tree(root)
+    opts = dict(vae="none", image_size=16, batch_size=2, shard_size=4, num_workers=0)
+    extract(root, out, **opts)
+    before = np.concatenate(LatentData(out).shards)
+    # an interruption: shard 1 lost (a half-written temporary left behind), no meta.json yet
+    for name in ("shard_00001.json", "shard_00001.npy", "meta.json"):
+        os.remove(os.path.join(out, name))
+    open(os.path.join(out, "shard_00001.npy.tmp"), "wb").write(b"half")
+    with pytest.raises(ValueError) as excinfo:  # an unfinished extraction does not open
+        LatentData(out)
+    assert out in str(excinfo.value) and "unfinished" in str(excinfo.value)
+    extract(root, out, **opts)
+    data = LatentData(out)
+    assert np.array_equal(np.concatenate(data.shards), before) and len(data) == 7
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    # different options into the same folder: refused, unless --overwrite
+    with pytest.raises(ExtractionError) as excinfo:
+        extract(root, out, **{**opts, "image_size": 8})
+    assert "image_size" in str(excinfo.value) and "--overwrite" in str(excinfo.value)
+    assert LatentData(out).latent_shape == (3, 16, 16)
+    extract(root, out, **{**opts, "image_size": 8}, overwrite=True)
+    assert LatentData(out).latent_shape == (3, 8, 8)
+    # folders that are not extractions
+    foreign = os.path.join(tmp, "foreign")
+    os.makedirs(foreign)
+    open(os.path.join(foreign, "notes.txt"), "w").write("mine")
+    for call in (lambda: extract(root, foreign, **opts), lambda: LatentData(foreign),
+                 lambda: LatentData(os.path.join(tmp, "nowhere"))):
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(tmp)):
+            call()
+    assert os.listdir(foreign) == ["notes.txt"]
+    # an empty class folder, an empty tree, a missing tree
+    os.makedirs(os.path.join(root, "dog"))
+    empty = os.path.join(tmp, "empty")
+    os.makedirs(empty)
+    cases = ((root, "'dog'"), (empty, "no class folders"), (os.path.join(tmp, "no"), "not a directory"))
+    for path, expected in cases:
+        with pytest.raises(ExtractionError) as excinfo:
+            extract(path, os.path.join(tmp, "unused"), **opts)
+        assert expected in str(excinfo.value) and path in str(excinfo.value), str(excinfo.value)
+
+
+def test_truncated_or_corrupt_extraction_files_are_named(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    _make_tree(root)
+    extract(root, out, vae="none", image_size=16, batch_size=2, shard_size=4, num_workers=0)
+    shard = os.path.join(out, "shard_00001.npy")
+    open(shard, "r+b").truncate(os.path.getsize(shard) // 2)  # a copy cut short
+    for broken, what in ((shard, "a whole .npy shard"), (os.path.join(out, "meta.json"), "a JSON file")):
+        if broken.endswith(".json"):
+            open(broken, "w").write('{"format": ')
+        with pytest.raises(ValueError, match=re.escape(f"latent data {broken}: cannot be read as {what}")):
             LatentData(out)
-            raise AssertionError("an unfinished extraction must not open")
-        except ValueError as e:
-            assert out in str(e) and "unfinished" in str(e)
-        extract(root, out, **opts)
-        data = LatentData(out)
-        assert np.array_equal(np.concatenate(data.shards), before) and len(data) == 7
-        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-        # different options into the same folder: refused, unless --overwrite
-        try:
-            extract(root, out, **{**opts, "image_size": 8})
-            raise AssertionError("a different extraction must not be overwritten silently")
-        except ExtractionError as e:
-            assert "image_size" in str(e) and "--overwrite" in str(e)
-        assert LatentData(out).latent_shape == (3, 16, 16)
-        extract(root, out, **{**opts, "image_size": 8}, overwrite=True)
-        assert LatentData(out).latent_shape == (3, 8, 8)
-        # folders that are not extractions
-        foreign = os.path.join(tmp, "foreign")
-        os.makedirs(foreign)
-        open(os.path.join(foreign, "notes.txt"), "w").write("mine")
-        for call in (lambda: extract(root, foreign, **opts), lambda: LatentData(foreign),
-                     lambda: LatentData(os.path.join(tmp, "nowhere"))):
-            try:
-                call()
-                raise AssertionError("must be an error")
-            except (ValueError, FileNotFoundError) as e:
-                assert tmp in str(e), str(e)
-        assert os.listdir(foreign) == ["notes.txt"]
-        # an empty class folder, an empty tree, a missing tree
-        os.makedirs(os.path.join(root, "dog"))
-        empty = os.path.join(tmp, "empty")
-        os.makedirs(empty)
-        cases = ((root, "'dog'"), (empty, "no class folders"), (os.path.join(tmp, "no"), "not a directory"))
-        for path, expected in cases:
-            try:
-                extract(path, os.path.join(tmp, "unused"), **opts)
-                raise AssertionError(expected)
-            except ExtractionError as e:
-                assert expected in str(e) and path in str(e), str(e)
-
-
-def test_truncated_or_corrupt_extraction_files_are_named():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        _make_tree(root)
-        extract(root, out, vae="none", image_size=16, batch_size=2, shard_size=4, num_workers=0)
-        shard = os.path.join(out, "shard_00001.npy")
-        open(shard, "r+b").truncate(os.path.getsize(shard) // 2)  # a copy cut short
-        for broken, what in ((shard, "a whole .npy shard"), (os.path.join(out, "meta.json"), "a JSON file")):
-            if broken.endswith(".json"):
-                open(broken, "w").write('{"format": ')
-            try:
-                LatentData(out)
-                raise AssertionError(f"{broken} must be refused")
-            except ValueError as e:
-                assert f"latent data {broken}: cannot be read as {what}" in str(e), str(e)
 
 
 def _extract_cli(root, out):
@@ -446,14 +419,13 @@ def _extract_cli(root, out):
                           capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def test_extract_command_line():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        _make_tree(root)
-        run = _extract_cli(root, out)
-        assert run.returncode == 0, run.stderr
-        assert "2 skipped" in run.stdout and "images/s" in run.stdout and "ant/2.jpg" in run.stdout + run.stderr
-        assert LatentData(out).meta["count"] == 7
+def test_extract_command_line(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    _make_tree(root)
+    run = _extract_cli(root, out)
+    assert run.returncode == 0, run.stderr
+    assert "2 skipped" in run.stdout and "images/s" in run.stdout and "ant/2.jpg" in run.stdout + run.stderr
+    assert LatentData(out).meta["count"] == 7
 
 
 def _make_captioned_tree(root):
@@ -479,44 +451,41 @@ def _make_captioned_tree(root):
     return good, os.path.join(root, "photos/broken.png")
 
 
-def test_extract_captioned_folder_resume_and_changed_captions():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        good, broken = _make_captioned_tree(root)
-        opts = dict(vae="none", image_size=16, batch_size=3, shard_size=4, num_workers=0)  # broken: mid-batch
-        meta = extract(root, out, **opts)
-        data = LatentData(out)
-        assert meta["captioned"] is True and meta["count"] == len(data) == 4 and meta["num_captions"] == 7
-        assert meta["skipped"] == 1 and meta["skipped_files"] == [broken] and len(meta["shards"]) == 2
-        assert data.num_classes == 0 and data.class_names == [] and data.labels.tolist() == [0] * 4
-        assert data.captions == list(good.values())  # line order, the unreadable image's caption dropped
-        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (4, 2, 1, 3, 16, 16)
-        owner = {json.dumps(c): p for p, c in good.items()}
-        for i, caps in enumerate(data.captions):  # the captions at i are those of the image stored at i
-            x = _pixels(owner[json.dumps(caps)], 16).float() / 127.5 - 1
-            assert torch.allclose(stored[i, 0, 0], x, atol=1e-3), (i, caps)
-        assert json.load(open(os.path.join(out, "captions.json"))) == data.captions
-        assert "metadata_sha1" in json.load(open(os.path.join(out, "plan.json")))
-        # an interruption after shard 0: the re-run encodes only shard 1 and stores the same captions
-        shard0 = os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns
-        for name in ("shard_00001.json", "shard_00001.npy", "captions.json", "meta.json"):
-            os.remove(os.path.join(out, name))
+def test_extract_captioned_folder_resume_and_changed_captions(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    good, broken = _make_captioned_tree(root)
+    opts = dict(vae="none", image_size=16, batch_size=3, shard_size=4, num_workers=0)  # broken: mid-batch
+    meta = extract(root, out, **opts)
+    data = LatentData(out)
+    assert meta["captioned"] is True and meta["count"] == len(data) == 4 and meta["num_captions"] == 7
+    assert meta["skipped"] == 1 and meta["skipped_files"] == [broken] and len(meta["shards"]) == 2
+    assert data.num_classes == 0 and data.class_names == [] and data.labels.tolist() == [0] * 4
+    assert data.captions == list(good.values())  # line order, the unreadable image's caption dropped
+    stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (4, 2, 1, 3, 16, 16)
+    owner = {json.dumps(c): p for p, c in good.items()}
+    for i, caps in enumerate(data.captions):  # the captions at i are those of the image stored at i
+        x = _pixels(owner[json.dumps(caps)], 16).float() / 127.5 - 1
+        assert torch.allclose(stored[i, 0, 0], x, atol=1e-3), (i, caps)
+    assert json.load(open(os.path.join(out, "captions.json"))) == data.captions
+    assert "metadata_sha1" in json.load(open(os.path.join(out, "plan.json")))
+    # an interruption after shard 0: the re-run encodes only shard 1 and stores the same captions
+    shard0 = os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns
+    for name in ("shard_00001.json", "shard_00001.npy", "captions.json", "meta.json"):
+        os.remove(os.path.join(out, name))
+    extract(root, out, **opts)
+    again = LatentData(out)
+    assert again.captions == data.captions and np.array_equal(np.concatenate(again.shards), stored.half().numpy())
+    assert os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns == shard0
+    # a changed caption is a different extraction: refused, unless --overwrite
+    meta_path = os.path.join(root, "metadata.jsonl")
+    text = open(meta_path).read()
+    open(meta_path, "w").write(text.replace("a wide picture", "a wide photo"))
+    with pytest.raises(ExtractionError) as excinfo:  # changed captions do not resume the old extraction
         extract(root, out, **opts)
-        again = LatentData(out)
-        assert again.captions == data.captions and np.array_equal(np.concatenate(again.shards), stored.half().numpy())
-        assert os.stat(os.path.join(out, "shard_00000.npy")).st_mtime_ns == shard0
-        # a changed caption is a different extraction: refused, unless --overwrite
-        meta_path = os.path.join(root, "metadata.jsonl")
-        text = open(meta_path).read()
-        open(meta_path, "w").write(text.replace("a wide picture", "a wide photo"))
-        try:
-            extract(root, out, **opts)
-            raise AssertionError("changed captions must not resume the old extraction")
-        except ExtractionError as e:
-            assert "metadata_sha1" in str(e) and "--overwrite" in str(e), str(e)
-        assert LatentData(out).captions == data.captions
-        extract(root, out, **opts, overwrite=True)
-        assert LatentData(out).captions[2] == ["a wide photo"]
+    assert "metadata_sha1" in str(excinfo.value) and "--overwrite" in str(excinfo.value), str(excinfo.value)
+    assert LatentData(out).captions == data.captions
+    extract(root, out, **opts, overwrite=True)
+    assert LatentData(out).captions[2] == ["a wide photo"]
 
 
 def _bad_metadata_message(root, lines):
@@ -524,92 +493,87 @@ def _bad_metadata_message(root, lines):
     data = b"\n".join(l if isinstance(l, bytes) else l.encode() for l in lines)
     open(os.path.join(root, "metadata.jsonl"), "wb").write(data)
     out = os.path.join(os.path.dirname(root), "never")
-    try:
+    with pytest.raises(ExtractionError) as excinfo:
         extract(root, out, vae="none", image_size=16, num_workers=0)
-        raise AssertionError("bad metadata.jsonl must be an error")
-    except ExtractionError as e:
-        msg = str(e)
+    msg = str(excinfo.value)
     assert not os.path.exists(out)  # refused before anything is written
     assert os.path.join(root, "metadata.jsonl") in msg, msg
     shown = dict(l.strip().split(": ", 1) for l in msg.splitlines()[1:] if l.strip().startswith("line "))
     return msg, {int(k.split()[1]): v for k, v in shown.items()}
 
 
-def test_extract_bad_metadata_lines_named():
-    with tempfile.TemporaryDirectory() as tmp:
-        root = os.path.join(tmp, "images")
-        os.makedirs(os.path.join(root, "sub"))
-        _draw((16, 16), 1).save(os.path.join(root, "sub", "a.png"))
-        _draw((16, 16), 2).save(os.path.join(tmp, "outside.png"))  # exists, but not under root
-        good = '{"file_name": "sub/a.png", "text": "fine"}'
-        f = lambda name, text: json.dumps({"file_name": name, "text": text})
-        groups = [  # (line, what the message must say about it); line 1 is good; at most 10 are shown
-            [('{"file_name": "sub/a.png", "text": "x"', "invalid JSON"),
-             ('["sub/a.png", "x"]', "not a JSON object"),
-             ('{"text": "no file"}', "missing 'file_name'"),
-             ('{"file_name": "sub/a.png"}', "missing 'text'"),
-             (f("sub/a.png", 5), "a string or a non-empty list of strings, got 5"),
-             (f("sub/a.png", []), "a string or a non-empty list of strings, got []"),
-             (f("sub/a.png", ["ok", 3]), "a string or a non-empty list of strings, got ['ok', 3]"),
-             (f("sub/a.png", "   "), "empty caption"),
-             (f("sub/a.png", ["ok", ""]), "empty caption(s) at [1]")],
-            [(f("sub/missing.png", "x"), "'sub/missing.png': no such file"),
-             (f("../outside.png", "x"), "'../outside.png' is not a path inside"),
-             (f(os.path.join(tmp, "outside.png"), "x"), "is not a path inside"),
-             (f("./sub/a.png", "again"), "'./sub/a.png' already listed on line 1"),
-             (f(7, "x"), '"file_name" must be a string, got 7'),
-             (b'{"file_name": "sub/a.png", "text": "\xff"}', "not UTF-8")],
-        ]
-        for group in groups:
-            msg, shown = _bad_metadata_message(root, [good] + [l for l, _ in group] + ["", "  "])  # blanks: fine
-            assert f"{len(group)} bad line(s)" in msg and "... and" not in msg, msg
-            assert sorted(shown) == list(range(2, len(group) + 2)), msg  # neither the good nor the blank lines
-            for n, (_, expected) in enumerate(group, 2):
-                assert expected in shown[n], (n, expected, msg)
-        # many bad lines: the first 10 spelled out, the rest counted
-        msg, shown = _bad_metadata_message(root, [good] + ["{"] * 14)
-        assert sorted(shown) == list(range(2, 12)) and "... and 4 more" in msg and "14 bad line(s)" in msg, msg
-        msg, _ = _bad_metadata_message(root, ["", " "])
-        assert "lists no images" in msg, msg
+def test_extract_bad_metadata_lines_named(tmp):
+    root = os.path.join(tmp, "images")
+    os.makedirs(os.path.join(root, "sub"))
+    _draw((16, 16), 1).save(os.path.join(root, "sub", "a.png"))
+    _draw((16, 16), 2).save(os.path.join(tmp, "outside.png"))  # exists, but not under root
+    good = '{"file_name": "sub/a.png", "text": "fine"}'
+    f = lambda name, text: json.dumps({"file_name": name, "text": text})
+    groups = [  # (line, what the message must say about it); line 1 is good; at most 10 are shown
+        [('{"file_name": "sub/a.png", "text": "x"', "invalid JSON"),
+         ('["sub/a.png", "x"]', "not a JSON object"),
+         ('{"text": "no file"}', "missing 'file_name'"),
+         ('{"file_name": "sub/a.png"}', "missing 'text'"),
+         (f("sub/a.png", 5), "a string or a non-empty list of strings, got 5"),
+         (f("sub/a.png", []), "a string or a non-empty list of strings, got []"),
+         (f("sub/a.png", ["ok", 3]), "a string or a non-empty list of strings, got ['ok', 3]"),
+         (f("sub/a.png", "   "), "empty caption"),
+         (f("sub/a.png", ["ok", ""]), "empty caption(s) at [1]")],
+        [(f("sub/missing.png", "x"), "'sub/missing.png': no such file"),
+         (f("../outside.png", "x"), "'../outside.png' is not a path inside"),
+         (f(os.path.join(tmp, "outside.png"), "x"), "is not a path inside"),
+         (f("./sub/a.png", "again"), "'./sub/a.png' already listed on line 1"),
+         (f(7, "x"), '"file_name" must be a string, got 7'),
+         (b'{"file_name": "sub/a.png", "text": "\xff"}', "not UTF-8")],
+    ]
+    for group in groups:
+        msg, shown = _bad_metadata_message(root, [good] + [l for l, _ in group] + ["", "  "])  # blanks: fine
+        assert f"{len(group)} bad line(s)" in msg and "... and" not in msg, msg
+        assert sorted(shown) == list(range(2, len(group) + 2)), msg  # neither the good nor the blank lines
+        for n, (_, expected) in enumerate(group, 2):
+            assert expected in shown[n], (n, expected, msg)
+    # many bad lines: the first 10 spelled out, the rest counted
+    msg, shown = _bad_metadata_message(root, [good] + ["{"] * 14)
+    assert sorted(shown) == list(range(2, 12)) and "... and 4 more" in msg and "14 bad line(s)" in msg, msg
+    msg, _ = _bad_metadata_message(root, ["", " "])
+    assert "lists no images" in msg, msg
 
 
-def test_extract_batch_flip_false_never_flips_and_keeps_the_stream():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        _make_tree(root)
-        meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=16, batch_size=8, shard_size=3,
-                       num_workers=0)
-        data = LatentData(out)
-        assert data.captions is None and meta["captioned"] is False and meta["num_captions"] == 0
-        assert not os.path.exists(os.path.join(out, "captions.json"))
-        stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2 flips, 2 moments, 16, 1, 1)
-        assert all(not torch.equal(stored[i, 0], stored[i, 1]) for i in range(7))  # so a flip would show
-        idx = torch.tensor([6, 0, 3, 3, 5, 1, 2])
-        expect = lambda f, eps: 0.2325 * (stored[idx, f, 0] + torch.exp(0.5 * stored[idx, f, 1]) * eps)
-        flipped_some = False
-        for seed in range(10):
-            g = torch.Generator().manual_seed(seed)  # the documented draws: a flip per example, then eps
-            f, eps = torch.randint(0, 2, (7,), generator=g), torch.randn(7, 16, 1, 1, generator=g)
-            after = torch.rand(1, generator=g)  # the stream's next draw
-            flipped_some |= bool(f.any())
-            for flip, used in ((True, f), (False, torch.zeros_like(f)), (None, f)):  # None: the default
-                g = torch.Generator().manual_seed(seed)
-                z, y = data.batch(idx, g) if flip is None else data.batch(idx, g, flip=flip)
-                assert torch.allclose(z, expect(used, eps), atol=1e-6), (seed, flip)
-                assert torch.equal(y, data.labels[idx]) and torch.equal(torch.rand(1, generator=g), after), (seed, flip)
-        assert flipped_some
+def test_extract_batch_flip_false_never_flips_and_keeps_the_stream(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    _make_tree(root)
+    meta = extract(root, out, vae="mar", vae_ckpt="random", image_size=16, batch_size=8, shard_size=3,
+                   num_workers=0)
+    data = LatentData(out)
+    assert data.captions is None and meta["captioned"] is False and meta["num_captions"] == 0
+    assert not os.path.exists(os.path.join(out, "captions.json"))
+    stored = torch.from_numpy(np.concatenate(data.shards)).float()  # (7, 2 flips, 2 moments, 16, 1, 1)
+    assert all(not torch.equal(stored[i, 0], stored[i, 1]) for i in range(7))  # so a flip would show
+    idx = torch.tensor([6, 0, 3, 3, 5, 1, 2])
+    expect = lambda f, eps: 0.2325 * (stored[idx, f, 0] + torch.exp(0.5 * stored[idx, f, 1]) * eps)
+    flipped_some = False
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)  # the documented draws: a flip per example, then eps
+        f, eps = torch.randint(0, 2, (7,), generator=g), torch.randn(7, 16, 1, 1, generator=g)
+        after = torch.rand(1, generator=g)  # the stream's next draw
+        flipped_some |= bool(f.any())
+        for flip, used in ((True, f), (False, torch.zeros_like(f)), (None, f)):  # None: the default
+            g = torch.Generator().manual_seed(seed)
+            z, y = data.batch(idx, g) if flip is None else data.batch(idx, g, flip=flip)
+            assert torch.allclose(z, expect(used, eps), atol=1e-6), (seed, flip)
+            assert torch.equal(y, data.labels[idx]) and torch.equal(torch.rand(1, generator=g), after), (seed, flip)
+    assert flipped_some
 
 
-def test_extract_command_line_captioned():
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
-        _make_captioned_tree(root)
-        run = _extract_cli(root, out)
-        assert run.returncode == 0, run.stderr
-        assert "4 images with 7 captions, 1 skipped" in run.stdout, run.stdout
-        assert "photos/broken.png" in run.stdout + run.stderr
-        assert LatentData(out).meta["num_captions"] == 7
-        open(os.path.join(root, "metadata.jsonl"), "a").write('\n{"file_name": "a.png"}\n')
-        run = _extract_cli(root, out)
-        assert run.returncode != 0 and "line 11: missing 'text'" in run.stderr, run.stderr
-        assert os.path.join(root, "metadata.jsonl") in run.stderr, run.stderr
+def test_extract_command_line_captioned(tmp):
+    root, out = os.path.join(tmp, "images"), os.path.join(tmp, "latents")
+    _make_captioned_tree(root)
+    run = _extract_cli(root, out)
+    assert run.returncode == 0, run.stderr
+    assert "4 images with 7 captions, 1 skipped" in run.stdout, run.stdout
+    assert "photos/broken.png" in run.stdout + run.stderr
+    assert LatentData(out).meta["num_captions"] == 7
+    open(os.path.join(root, "metadata.jsonl"), "a").write('\n{"file_name": "a.png"}\n')
+    run = _extract_cli(root, out)
+    assert run.returncode != 0 and "line 11: missing 'text'" in run.stderr, run.stderr
+    assert os.path.join(root, "metadata.jsonl") in run.stderr, run.stderr

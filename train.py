@@ -36,8 +36,8 @@ from inference import make_diffusion, sample_latents, tokens_to_images
 from images import GRID_PIXELS, save_grid
 from latents import LatentData
 from model import CausalFusion
-from runtime import (SEED_TRAIN_STEP, ConfigError, autocast, autocast_dtype, launch, micro_batches, parse_config, seeded,
-                     step_indices)
+from runtime import (SEED_TRAIN_STEP, ConfigError, autocast, autocast_dtype, launch, micro_batches, parse_config,
+                     seeded, step_indices)
 from train_monitor import (Metrics, RunLog, evaluate_fid, fid_line, fid_record, log_line, log_record, prepare_fid,
                            read_step_stats)
 from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses

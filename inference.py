@@ -34,6 +34,15 @@ DEFAULT_STEPS = {"eps": {"ddpm": 250, "ddim": 50, "dpm++": 20, "dpm++sde": 20},
                  "flow": {"euler": 50, "dpm++": 20, "dpm++sde": 20}}
 
 
+SEED_STRIDE = 1_000_003  # a prime above any batch count: no two (seed, batch) pairs share a noise seed
+
+
+def sample_seed(seed, batch):
+    """The noise seed of batch `batch` of a sampling run seeded by `seed` (sample.py's batches and edits, the
+    editor's answers, which equal sample.py's)."""
+    return seed * SEED_STRIDE + batch
+
+
 def make_diffusion(steps=0, sampler="", eta=0.0, spacing="", objective="eps"):
     """The Diffusion sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
     --grid-steps with the same others) for a model of the objective (its checkpoint's): sampler "" = the
@@ -188,8 +197,7 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
         idx = torch.arange(b * batch_size, min(num_samples, (b + 1) * batch_size))
         cond = dict(labels=torch.from_numpy(labels[idx.numpy()])) if prompts is None else dict(
             labels=None, text=text[idx], text_lengths=lengths[idx])
-        batch_seed = seed * 1_000_003 + b
-        tokens = sample_batch(model, diffusion, batch_seed=batch_seed, ar_steps=ar_steps, split=split, order=order,
+        tokens = sample_batch(model, diffusion, batch_seed=sample_seed(seed, b), ar_steps=ar_steps, split=split, order=order,
                               order_block=order_block,
                               cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
         if not torch.isfinite(tokens).all():  # a NaN would decode to a plausible-looking image and skew the FID
@@ -274,7 +282,7 @@ def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", 
                 progress=None, **options):
     """Regenerate the tokens outside `keep` (grid, grid) of each original (R, L, P) once per class (a text model:
     once per prompt, classes None), conditioned on the kept tokens. Returns (R, B, L, P), B classes or prompts;
-    the kept tokens are the originals' exactly. Row r draws from seed * 1_000_003 + 1 + r (sample.py --edit)."""
+    the kept tokens are the originals' exactly. Row r draws from sample_seed(seed, 1 + r) (sample.py --edit)."""
     kept = keep.flatten().nonzero()[:, 0].to(originals.device)  # (K,) image positions
     check_sampling_options(model, classes=classes, num_tokens=model.num_tokens - len(kept), **options)
     if prompts:
@@ -286,7 +294,7 @@ def edit_tokens(model, originals, keep, classes, seed, diffusion, dtype="fp32", 
     for r, tokens in enumerate(originals):
         context = tokens[kept].expand(n, -1, -1)  # (B, K, P)
         # row r's seed index 1 + r: index 0 generated the originals (--edit-class)
-        rows.append(sample_batch(model, diffusion, batch_seed=seed * 1_000_003 + 1 + r, dtype=dtype, context=context,
+        rows.append(sample_batch(model, diffusion, batch_seed=sample_seed(seed, 1 + r), dtype=dtype, context=context,
                                  context_pos=kept.expand(n, -1), progress=progress, **cond, **options))
     return torch.stack(rows)
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from runtime import parse_config
 from inference import (caption_images, check_sampling_options, edit_tokens, encode_images, gather, keep_mask,
-                       load_model, make_diffusion, sample_batch, sample_images, tokens_to_images)
+                       load_model, make_diffusion, sample_batch, sample_images, sample_seed, tokens_to_images)
 from images import GRID_PIXELS, IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
 from runtime import autocast_dtype, distributed
 
@@ -170,7 +170,7 @@ def run_edit(cfg, model, meta, vae, scale, classes, dtype, diffusion, options, p
         raise ValueError("--edit-class generates class-conditional originals: a text model edits an --edit image")
     else:  # what a plain run with --classes edit_class --batch-size R gives (batch 0)
         check_sampling_options(model, classes=[cfg["edit_class"]], **options)
-        originals = sample_batch(model, diffusion, torch.full((rows,), cfg["edit_class"]), cfg["seed"] * 1_000_003,
+        originals = sample_batch(model, diffusion, torch.full((rows,), cfg["edit_class"]), sample_seed(cfg["seed"], 0),
                                  dtype=dtype, **options)
     edits = edit_tokens(model, originals, keep, classes, cfg["seed"], diffusion, dtype, prompts, tokenizer, **options)
     path = os.path.join(cfg["out_dir"], f"edit_{os.path.basename(cfg['keep']).removesuffix('.png')}.png")

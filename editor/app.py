@@ -60,7 +60,7 @@ import tokenization
 from diffusion import SAMPLERS_OF
 from images import center_crop, to_8bit
 from inference import (DEFAULT_STEPS, caption_images, check_sampling_options, class_labels, edit_tokens,
-                       encode_images, load_model, make_diffusion, region_masks, sample_batch, snap_mask,
+                       encode_images, load_model, make_diffusion, region_masks, sample_batch, sample_seed, snap_mask,
                        tokens_to_images)
 from runtime import autocast, autocast_dtype, distributed, parse_config
 
@@ -347,7 +347,7 @@ class Editor:
             labels = class_labels(1, classes, self.model.num_classes, seed)
             cond, answer = dict(labels=labels), {"class": int(labels[0])}
         with self.computing("generate", alive, options["ar_steps"] * len(diffusion.timesteps)):
-            tokens = sample_batch(self.model, diffusion, batch_seed=seed * 1_000_003, dtype=self.dtype,
+            tokens = sample_batch(self.model, diffusion, batch_seed=sample_seed(seed, 0), dtype=self.dtype,
                                   progress=self.progress.count, **cond, **options)  # sample_images' batch 0
             image = tokens_to_images(tokens, self.model, self.vae, self.scale)[0]
         self.check_finite(tokens)

@@ -133,7 +133,7 @@ def test_distill_resumes_exactly_and_samples():
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    assert not torch.equal(a["model"]["d_embedder.mlp.2.weight"], torch.zeros_like(a["model"]["d_embedder.mlp.2.weight"]))
+    assert a["model"]["d_embedder.mlp.2.weight"].abs().sum() > 0  # the step-size embedding was trained
     lines = open(os.path.join(part, "metrics.jsonl")).read().splitlines()
     assert len(lines) == 4, lines
     # the checkpoint says what it is: sample.py needs no option beyond the step count

@@ -1,11 +1,13 @@
 """Tests of the few-step distillation (distill/few_step.py; model.py step_size, diffusion.py distill_*): the option
 off leaves the paper's model (parameters, initialization, outputs), a zero-initialized student is its teacher, the
 teacher's target is a loop of euler steps, the learned steps are the sampler's grid, an exact resume, and sample.py
-(S = 1, S = 4, CFG, editing) with the few-step checkpoint."""
+(S = 1, S = 4, CFG, editing) and the editor with the few-step checkpoint."""
 import os
 import tempfile
 
+import numpy as np
 import torch
+from PIL import Image
 
 import mask
 import sample
@@ -15,6 +17,7 @@ from diffusion import Diffusion, distill_target, draw_intervals
 from distill import few_step
 from inference import make_diffusion, sample_batch
 from model import CausalFusion
+from test_editor import from_url, ok, run_command, server
 from test_train import TINY, _tiny_data
 
 TMP = tempfile.TemporaryDirectory()  # a tiny flow teacher shared by the tests of one run
@@ -146,3 +149,9 @@ def test_distill_resumes_exactly_and_samples():
         out = os.path.join(TMP.name, "samples_" + "_".join(args))
         sample.main(["--ckpt", path, "--num-samples", "2", "--out-dir", out] + args)
         assert any(f.endswith(".png") for f in os.listdir(out)), args
+    # the editor: its answer at 1 step in AR mode with CFG is the image of the sample.py command it carries
+    httpd = server(path)
+    answer = ok(httpd, "/api/generate", {"class": 1, "seed": 2, "steps": 1, "cfg_scale": 2.0, "ar_steps": 2})
+    out = os.path.join(TMP.name, "editor")
+    run_command(answer["command"], out)
+    assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))

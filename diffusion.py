@@ -27,6 +27,10 @@ Samplers of flow, at t = N/N, ..., 1/N, landing on t = 0:
   dpm++, dpm++sde  eps's DPM-Solver++(2M) and its SDE form, written in (alpha_t, sigma_t), along alpha_t = 1 - t,
             sigma_t = t: second order at one model call per step.
 
+A few-step flow model (distill/few_step.py; shortcut models, Frans et al. 2024) also takes each step's size d in
+flow time: sample(step_size=True) hands it to the model, and distill_target / distill_loss are its training target
+(the teacher's ODE over one step of a k-step euler grid, in small euler steps) and loss.
+
 Timesteps handed to the model are always those of the full T-step schedule (eps: ADM/DiT respacing without timestep
 rescaling; flow: T t); every sampler makes one model call per step. The CFG interval is in timesteps of the eps
 schedule for both objectives: a flow time counts as the first eps timestep with at most its SNR (eps_timesteps).
@@ -109,6 +113,7 @@ class Diffusion:
         t = self.timesteps.tolist()
         self.model_timesteps = [self.num_timesteps * x for x in t]
         self.guide_timesteps = self.eps_timesteps(self.timesteps).tolist()
+        self.step_sizes = [t0 - t1 for t0, t1 in zip(t, [0.0] + t[:-1])]  # what a step-size model sees, d = t - t'
         if self.sampler == "euler":  # x' = x + (t' - t) v, in step()'s form
             self.step_coefs = [[1.0, t1 - t0, 0.0] for t0, t1 in zip(t, [0.0] + t[:-1])]
         else:  # x0 = x - t v: alpha = 1 - t, sigma = t
@@ -240,8 +245,7 @@ class Diffusion:
         target = noise if self.objective == "eps" else noise - x0
         if weighting == "min-snr":
             weights = weights * self.min_snr_weight(t, snr_gamma, pred)[..., 0]  # (N, L)
-        mse = (pred.float() - target).square().mean(dim=-1)  # (N, L)
-        return (mse * weights).mean()
+        return weighted_mse(pred, target, weights)
 
     @staticmethod
     def guide(pred, t, cfg_scale, cfg_interval):
@@ -270,19 +274,67 @@ class Diffusion:
             x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         return x, x0
 
-    def sample(self, eps_fn, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None):
+    def sample(self, eps_fn, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None, step_size=False):
         """Denoise x (N, ...) from pure noise. eps_fn(x, t) -> the model's prediction (eps, or flow's v), with t
         a timestep of the full schedule (flow: T t, a float); with cfg_scale > 1 it receives the doubled batch
-        [x; x] (cond half first). cfg_interval: in eps timesteps for both objectives (guide_timesteps)."""
+        [x; x] (cond half first). cfg_interval: in eps timesteps for both objectives (guide_timesteps).
+        step_size (a flow sampler of a step-size model): eps_fn(x, t, d) also gets the step's size d in flow time."""
+        if step_size and self.objective != "flow":
+            raise ValueError("a step-size model (distill/few_step.py) samples with a flow sampler")
         steps, x0 = reversed(range(len(self.timesteps))), None
         for i in (progress(steps) if progress else steps):
             t = self.model_timesteps[i]
+            args = (t, self.step_sizes[i]) if step_size else (t,)
             if cfg_scale > 1:
-                pred = self.guide(eps_fn(torch.cat([x, x]), t), self.guide_timesteps[i], cfg_scale, cfg_interval)
+                pred = self.guide(eps_fn(torch.cat([x, x]), *args), self.guide_timesteps[i], cfg_scale, cfg_interval)
             else:
-                pred = eps_fn(x, t)
+                pred = eps_fn(x, *args)
             if self.sampler.startswith("dpm++"):
                 x, x0 = self.dpm_step(x, pred.to(x.dtype), i, x0, generator)
             else:  # ddpm, ddim, euler
                 x = self.step(x, pred.to(x.dtype), i, generator)
         return x
+
+
+def weighted_mse(pred, target, weights):
+    """Mean over tokens of weights (N, L) times each token's squared error (mean over its P values), (N, L, P)."""
+    mse = (pred.float() - target).square().mean(dim=-1)  # (N, L)
+    return (mse * weights).mean()
+
+
+def draw_intervals(n, grids, fine_steps, generator, logit_mean=0.0, logit_std=1.0):
+    """The steps a few-step model learns, one per sample: (start time t (N,), step size d (N,)) in flow time. A
+    sample draws one of len(grids) + 1 kinds alike: a step of a k-step euler grid (t = i / k, i in 1..k, d = 1 / k;
+    the grid the flow sampler visits at k steps) for each k of grids, or a fine step d = 1 / fine_steps at a
+    logit-normal t (at least d), which keeps the model's many-step sampling."""
+    kind = torch.randint(len(grids) + 1, (n,), generator=generator)
+    k = torch.tensor([*grids, fine_steps], dtype=torch.float64)[kind]  # (N,)
+    i = (torch.rand(n, generator=generator, dtype=torch.float64) * k).floor() + 1  # 1..k
+    fine = torch.sigmoid(logit_mean + logit_std * torch.randn(n, generator=generator, dtype=torch.float64))
+    d = 1 / k
+    t = torch.where(kind == len(grids), fine.clamp(min=1 / fine_steps), i / k)
+    return t.float(), d.float()
+
+
+def guide_each(pred, scales):
+    """Classifier-free guidance of a doubled batch [cond; uncond] (2N, L, P) at a scale per sample, scales (N,):
+    pred_u + s (pred_c - pred_u), as guide's inside its interval (the distillation learns every scale it draws)."""
+    pred_c, pred_u = pred.chunk(2)
+    return pred_u + scales.view(-1, 1, 1) * (pred_c - pred_u)
+
+
+@torch.no_grad()
+def distill_target(v_fn, x, t, d, steps):
+    """The teacher's ODE over [t - d, t] from x (N, ...) at times t (N,), in `steps` euler steps of d / steps:
+    x at t - d. v_fn(x, t) -> the teacher's velocity at flow times t (N,)."""
+    shape = (-1, *[1] * (x.dim() - 1))  # (N, 1, ...)
+    h = d / steps
+    for j in range(steps):
+        x = x - h.view(shape) * v_fn(x, t - j * h)
+    return x
+
+
+def distill_loss(pred, x, x_end, d, weights):
+    """The few-step loss: the AR-weighted MSE of the student's velocity pred (N, L, P) against the one whose euler
+    step of size d (N,) takes x (at t) to the teacher's x_end (at t - d): (x - x_end) / d."""
+    return weighted_mse(pred, (x - x_end) / d.view(-1, 1, 1), weights)

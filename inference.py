@@ -86,7 +86,7 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
     cache before step 1.
     A text model takes texts (N, Lt) of text_lengths (N,) real tokens in place of labels (None).
     With cfg_scale > 1 the cache holds a doubled batch [cond; null class, or no text] and guidance runs in one
-    forward."""
+    forward. A few-step model (model.step_size) also sees each sampler step's size."""
     n, device = order.shape[0], order.device
     guided = cfg_scale > 1
     double = (lambda a: torch.cat([a, a])) if guided else (lambda a: a)
@@ -104,9 +104,12 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
     for s, size in enumerate(step_sizes):
         pos = order[:, start:start + size]  # (N, k)
         pos2 = double(pos)
-        eps_fn = lambda x, t: model.denoise(cache, x, torch.full((x.shape[0],), t, device=device), pos2)
+
+        def eps_fn(x, t, d=None):  # d: a step-size model's step (diffusion.sample)
+            full = lambda v: torch.full((x.shape[0],), v, device=device)
+            return model.denoise(cache, x, full(t), pos2, None if d is None else full(d))
         x = torch.randn(n, size, model.token_dim, generator=generator, device=device)
-        x = diffusion.sample(eps_fn, x, generator, cfg_scale, cfg_interval, progress)
+        x = diffusion.sample(eps_fn, x, generator, cfg_scale, cfg_interval, progress, step_size=model.step_size)
         if s < len(step_sizes) - 1:
             model.extend(cache, double(x), pos2)
         out.scatter_(1, pos[..., None].expand_as(x), x.float())

@@ -9,6 +9,11 @@ The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the prefix in
 text embedding plus a learnable text position embedding, the same blocks, and a next-token head. Where the
 text stands (before or after the image) is a matter of the mask only, so the layout stays static.
 
+A few-step model (distill/few_step.py; shortcut models, Frans et al. 2024) has step_size=True: a second timestep
+embedder of log2(1 / d), d the sampler's step in flow time, added to the time embedding; its last layer starts at
+zero, so the distilled model starts as its teacher. Off (the default) the model, its parameters and their
+initialization are the paper's.
+
 Table 1's in-context DiT variants are options: time_token=True puts the timestep in a token of its own after
 the cond tokens (seen by the noisy tokens only) instead of adding it to every noisy token; qk_norm=False drops
 the head-wise QK LayerNorm.
@@ -192,7 +197,7 @@ class KVCache:
 class CausalFusion(nn.Module):
     def __init__(self, size=None, hidden_size=None, depth=None, num_heads=None, input_size=32, patch_size=2,
                  in_channels=4, num_classes=1000, num_cond_tokens=4, cond_repeat=1, learn_pos=False, mlp_ratio=4.0,
-                 text_vocab=0, text_len=0, text_sees_noisy=False, qk_norm=True, time_token=False):
+                 text_vocab=0, text_len=0, text_sees_noisy=False, qk_norm=True, time_token=False, step_size=False):
         super().__init__()
         if size is not None:
             if size not in MODEL_SIZES:
@@ -211,6 +216,8 @@ class CausalFusion(nn.Module):
             raise ValueError("time_token (Table 1's in-context DiT ablation) is for class-conditional models")
         if not qk_norm or time_token:  # Table 1's ablations; recorded only when used, like the text options
             self.config.update(qk_norm=qk_norm, time_token=time_token)
+        if step_size:  # recorded only when on: the authors' config and checkpoints stay as they were
+            self.config.update(step_size=True)
         self.patch_size, self.in_channels, self.input_size = patch_size, in_channels, input_size
         self.num_classes, self.num_heads = num_classes, num_heads
         self.num_prefix_tokens = text_len if text_vocab else num_cond_tokens  # before the image: class tokens or text
@@ -219,6 +226,7 @@ class CausalFusion(nn.Module):
         self.token_dim = patch_size * patch_size * in_channels
         self.grad_checkpointing = False
         self.text_vocab, self.text_sees_noisy, self.time_token = text_vocab, text_sees_noisy, time_token
+        self.step_size = step_size
 
         self.x_proj = nn.Linear(self.token_dim, hidden_size)  # shared by clean and noisy tokens
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -236,6 +244,12 @@ class CausalFusion(nn.Module):
         if text_vocab:
             self.text_head = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, text_vocab))
         self.initialize_weights()
+        if step_size:  # made and initialized last: the other parameters draw the same values as without it
+            self.d_embedder = TimestepEmbedder(hidden_size)
+            nn.init.xavier_uniform_(self.d_embedder.mlp[0].weight)
+            nn.init.zeros_(self.d_embedder.mlp[0].bias)
+            nn.init.zeros_(self.d_embedder.mlp[2].weight)  # adds nothing at the start: the student is its teacher
+            nn.init.zeros_(self.d_embedder.mlp[2].bias)
 
     @property
     def null_class(self):
@@ -264,28 +278,41 @@ class CausalFusion(nn.Module):
         """Text ids (N, k) at text positions start..start+k-1."""
         return self.text_embedder(text) + self.text_pos_embed[:, start:start + text.shape[1]]  # (N, k, D)
 
-    def embed_tokens(self, tokens, pos, t=None):
-        """Image tokens (N, k, P) at image positions pos (N, k), plus the timestep embedding for noisy ones."""
+    def embed_time(self, t, d=None):
+        """The embedding of timesteps t, (N,) or (N, k): (N, D) or (N, k, D); a step-size model adds that of its
+        step sizes d (N,) in flow time, given as log2(1 / d): 0 for one step over [0, 1], 1 for two, ..."""
+        temb = self.t_embedder(t)
+        if not self.step_size:
+            return temb
+        if d is None:
+            raise ValueError("a step-size model (distill/few_step.py) needs the sampler's step size d")
+        demb = self.d_embedder(-torch.log2(d.float()))  # (N, D)
+        return temb + (demb if temb.dim() == 2 else demb[:, None])
+
+    def embed_tokens(self, tokens, pos, t=None, d=None):
+        """Image tokens (N, k, P) at image positions pos (N, k), plus the timestep embedding for noisy ones (and a
+        step-size model's step sizes d (N,))."""
         h = self.x_proj(tokens) + self.pos_embed[0][pos]  # (N, k, D)
         if t is not None:
-            temb = self.t_embedder(t)  # (N, D) shared t, or (N, k, D) one t per token
+            temb = self.embed_time(t, d)  # (N, D) shared t, or (N, k, D) one t per token
             h = h + (temb[:, None] if temb.dim() == 2 else temb)
         return h
 
-    def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None, text=None):
+    def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None, text=None, d=None):
         """Training forward over [cond | clean | noisy]; returns eps predictions for the noisy tokens, and with
         a text also the next-token logits (N, Lt, V) of every text position.
 
         clean (N, Lx, P) and noisy (N, L, P) are in AR order; pos (N, L) is the image position of each noisy
         token and clean_pos (default pos[:, :Lx]) that of each clean one; t is (N,) or (N, L); y (N,) labels,
-        or text (N, Lt) ids in their place; attn_mask (N, T, T) bool from mask.causal_mask, True = may attend."""
+        or text (N, Lt) ids in their place; attn_mask (N, T, T) bool from mask.causal_mask, True = may attend;
+        d (N,) the step sizes of a step-size model."""
         clean_pos = pos[:, :clean.shape[1]] if clean_pos is None else clean_pos
         cond = self.embed_cond(y) if text is None else self.embed_text(text)
         if self.time_token:  # [cond | time | clean | noisy]: t as one token of its own, not added to noisy ones
             if t.dim() != 1:
                 raise ValueError(f"a time-token model takes one timestep per sample, t (N,); got {tuple(t.shape)}")
-            cond, t = torch.cat([cond, self.t_embedder(t)[:, None]], 1), None  # (N, Lc + 1, D)
-        h = torch.cat([cond, self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t)], 1)
+            cond, t = torch.cat([cond, self.embed_time(t, d)[:, None]], 1), None  # (N, Lc + 1, D)
+        h = torch.cat([cond, self.embed_tokens(clean, clean_pos), self.embed_tokens(noisy, pos, t, d)], 1)
         attn_mask = attn_mask[:, None]  # (N, 1, T, T): one mask for all heads
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -344,15 +371,16 @@ class CausalFusion(nn.Module):
         causal = torch.ones(k, k, dtype=torch.bool, device=text.device).tril() if k > 1 else None
         return self.text_head(self._run_cached(self.embed_text(text, start), cache, keep=True, among=causal))
 
-    def denoise(self, cache, noisy, t, pos):
-        """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,), seeing the
-        cache and each other (the current AR step); the cache is left as it was."""
+    def denoise(self, cache, noisy, t, pos, d=None):
+        """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,) (a step-size
+        model: step size d (N,)), seeing the cache and each other (the current AR step); the cache is left as it
+        was."""
         if not self.time_token:
-            return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t), cache, keep=False))
+            return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t, d), cache, keep=False))
         # the time token goes first: it sees the cond tokens and itself, as in training; the noisy tokens see it
         k, length = noisy.shape[1], cache.length
         sees = torch.ones(k + 1, length + k + 1, dtype=torch.bool, device=noisy.device)  # (1 + k, length + 1 + k)
         sees[0, self.num_prefix_tokens:] = False
         sees[0, length] = True
-        h = torch.cat([self.t_embedder(t)[:, None], self.embed_tokens(noisy, pos)], 1)  # (N, 1 + k, D)
+        h = torch.cat([self.embed_time(t, d)[:, None], self.embed_tokens(noisy, pos)], 1)  # (N, 1 + k, D)
         return self.final_layer(self._run_cached(h, cache, keep=False, attn_mask=sees)[:, 1:])

@@ -97,6 +97,7 @@ def barrier(world):
 SEED_DATA_ORDER = 0  # seeded(seed, SEED_DATA_ORDER, epoch): the epoch's permutation of the training data
 SEED_TRAIN_STEP = 1  # seeded(seed, SEED_TRAIN_STEP, step, micro_batch): train.py's draws of a micro-batch
 SEED_FINETUNE_STEP = 2  # seeded(seed, SEED_FINETUNE_STEP, step, micro_batch): finetune/'s draws of a micro-batch
+SEED_DISTILL_STEP = 3  # seeded(seed, SEED_DISTILL_STEP, step): distill/few_step.py's draws of a step
 
 
 def seeded(*key):

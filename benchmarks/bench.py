@@ -17,8 +17,9 @@ hold on a shared machine; CUDA is synchronized before every clock read.
 
 Quality: for each --quality-runs sampler and each --quality-ar-steps S, --quality-samples class-balanced samples
 per seed (--quality-seeds seeds) of the demo checkpoint at --quality-cfg, scored against fresh demo images by the
-Frechet distance of their raw pixels (FD, no network needed; real images drawn afresh score its floor) and the
-share whose nearest real image has their class; mean and spread over the seeds, and the seconds of each run.
+Frechet distance of their raw pixels (FD, no network needed; real images drawn afresh score its floor), their
+pixel KID x 1000 to the same images (demos.kernel_distance) and the share whose nearest real image has their
+class; mean and spread over the seeds, and the seconds of each run.
 """
 import contextlib
 import copy
@@ -246,14 +247,19 @@ def bench_quality(cfg, device, dtype):
     real, real_labels = demos.draw_shapes(cfg["quality_real"] // 10, size, seed=10_000)  # unseen in training
     real_mu, real_cov = pixel_stats(real)
     real_x = torch.from_numpy(real.reshape(len(real), -1)).float()
+    as_unit = lambda x: x / 127.5 - 1  # uint8 pixels as [-1, 1], the demo's latents (KID)
     fd = lambda images: frechet_distance(*pixel_stats(images), real_mu, real_cov)
-    floor = [fd(demos.draw_shapes(n // 10, size, seed=20_000 + s)[0]) for s in seeds]
-    print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}")
+    fresh = [demos.draw_shapes(n // 10, size, seed=20_000 + s)[0] for s in seeds]
+    floor = [fd(images) for images in fresh]
+    kid_floor = [demos.KID_SCALE * demos.kernel_distance(as_unit(torch.from_numpy(images.reshape(len(images), -1))
+                                                                 .float()), as_unit(real_x)) for images in fresh]
+    print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}; "
+          f"KID x {demos.KID_SCALE}: {np.mean(kid_floor):.2f} +- {np.std(kid_floor):.2f}")
     results, vae = {}, build_vae("none")
     for spec in runs:
         diffusion = parse_sampler(spec, "--quality-runs", meta["objective"])
         for S in cfg["quality_ar_steps"]:
-            scores, accs, seconds = [], [], []
+            scores, accs, kids, seconds = [], [], [], []
             for seed in seeds:
                 start = time.time()
                 images, labels, _ = sample_images(model, vae, 1.0, n, list(range(10)), ar_steps=S, diffusion=diffusion,
@@ -261,15 +267,20 @@ def bench_quality(cfg, device, dtype):
                                                   dtype=dtype)
                 seconds.append(time.time() - start)
                 scores.append(fd(images))
-                nearest = torch.cdist(torch.from_numpy(images.reshape(n, -1)).float(), real_x).argmin(1)
+                sample_x = torch.from_numpy(images.reshape(n, -1)).float()
+                kids.append(demos.KID_SCALE * demos.kernel_distance(as_unit(sample_x), as_unit(real_x)))
+                nearest = torch.cdist(sample_x, real_x).argmin(1)
                 accs.append(float((real_labels[nearest.numpy()] == labels).mean()))
             results[(spec, S)] = dict(calls=len(diffusion.timesteps), fd=float(np.mean(scores)),
                                       fd_spread=float(np.std(scores)), fds=scores, nn_accuracy=float(np.mean(accs)),
-                                      seconds=float(np.mean(seconds)))
+                                      nn_accuracy_spread=float(np.std(accs)), kid=float(np.mean(kids)),
+                                      kid_spread=float(np.std(kids)), seconds=float(np.mean(seconds)))
             r = results[(spec, S)]
-            print(f"{spec:22s} S={S:<3d} FD {r['fd']:7.3f} +- {r['fd_spread']:.3f}  nearest-class "
-                  f"{r['nn_accuracy']:.3f}  {r['seconds']:6.1f} s", flush=True)
-    return dict(runs=results, real_floor=float(np.mean(floor)), real_floor_spread=float(np.std(floor)))
+            print(f"{spec:22s} S={S:<3d} FD {r['fd']:7.3f} +- {r['fd_spread']:.3f}  KID x {demos.KID_SCALE} "
+                  f"{r['kid']:6.1f} +- {r['kid_spread']:.1f}  nearest-class {r['nn_accuracy']:.3f} +- "
+                  f"{r['nn_accuracy_spread']:.3f}  {r['seconds']:6.1f} s", flush=True)
+    return dict(runs=results, real_floor=float(np.mean(floor)), real_floor_spread=float(np.std(floor)),
+                real_kid_floor=float(np.mean(kid_floor)))
 
 
 def main(argv=None):

@@ -200,7 +200,8 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
         idx = torch.arange(b * batch_size, min(num_samples, (b + 1) * batch_size))
         cond = dict(labels=torch.from_numpy(labels[idx.numpy()])) if prompts is None else dict(
             labels=None, text=text[idx], text_lengths=lengths[idx])
-        tokens = sample_batch(model, diffusion, batch_seed=sample_seed(seed, b), ar_steps=ar_steps, split=split, order=order,
+        batch_seed = sample_seed(seed, b)
+        tokens = sample_batch(model, diffusion, batch_seed=batch_seed, ar_steps=ar_steps, split=split, order=order,
                               order_block=order_block,
                               cfg_scale=cfg_scale, cfg_interval=cfg_interval, dtype=dtype, **cond)
         if not torch.isfinite(tokens).all():  # a NaN would decode to a plausible-looking image and skew the FID

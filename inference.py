@@ -11,7 +11,6 @@ batch b by (seed, b) alone and lets rank r take batches r, r + world, ..., so th
 number of processes.
 """
 import os
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -25,6 +24,7 @@ from checkpoint import load_checkpoint
 from diffusion import SAMPLERS_OF, Diffusion
 from images import to_8bit
 from model import patchify, unpatchify
+from runtime import autocast
 from vae import SCALE_FACTORS, build_vae
 
 ORDERS = ("random", "raster", "block_raster")  # as train.py --order (mask.token_order)
@@ -144,7 +144,7 @@ def sample_batch(model, diffusion, labels, batch_seed, ar_steps=1, split="equal"
     order_pos, sizes = ar_plan(len(labels if text is None else text), free, ar_steps, split, order, g,
                                grid=model.grid_size, order_block=order_block)
     noise = torch.Generator(device).manual_seed(int(torch.randint(2 ** 62, (1,), generator=g)))  # a fresh stream
-    with torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext():
+    with autocast(dtype, device):
         return generate(model, diffusion, labels, sizes, order_pos.to(device), noise, cfg_scale, cfg_interval, context,
                         context_pos, progress, text=text,
                         text_lengths=None if text is None else text_lengths.to(device))

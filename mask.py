@@ -115,8 +115,9 @@ def causal_mask(clean_steps, noisy_steps, num_prefix, text_lengths=None, text_af
         0  x x . . . . x . .                0  . . . . . . x . .
         1  x x . x . . . x x                1  . . . x . . . x x
         1  x x . x . . . x x                1  . . . x . . . x x
-    Two ablations of the class-conditional model. time_token (Table 1): one token T after the cond tokens
-    carries the timestep; it sees the cond tokens and itself, and only noisy tokens see it (clean tokens stay
+    Two ablations of the class-conditional model (with text, model.py and train.py refuse them).
+    time_token (Table 1): one token T after the cond tokens carries the timestep; it sees the cond tokens and
+    itself, and only noisy tokens see it (clean tokens stay
     independent of t, so they can be cached). copies = K (Table 7's "K x t per AR step"): the noisy segment
     holds K copies of the L noisy tokens (same steps, each copy noised at its own t); a noisy token sees the
     clean tokens of earlier steps and the tokens of its own step in its own copy. Example: one cond token,
@@ -150,8 +151,6 @@ def causal_mask(clean_steps, noisy_steps, num_prefix, text_lengths=None, text_af
     time_key = (k_kind == TIME) & ((q_kind == NOISY) | (q_kind == TIME))  # seen by the noisy tokens and by itself
     if text_lengths is None:
         return (k_kind == PREFIX) | clean_key | noisy_key | time_key  # (N, T, T)
-    if time_token or copies > 1:
-        raise ValueError("the time token and noisy copies are ablations of the class-conditional model, not for text")
     index = torch.arange(len(kind), device=device)
     q_index, k_index = index[None, :, None], index[None, None, :]  # (1, T, 1), (1, 1, T)
     after = text_after.to(device)[:, None, None]  # (N, 1, 1)

@@ -213,7 +213,8 @@ class CausalFusion(nn.Module):
         if text_vocab:  # the multimodal model; the class-conditional config (and checkpoints) stay as they were
             self.config.update(text_vocab=text_vocab, text_len=text_len, text_sees_noisy=text_sees_noisy)
         if time_token and text_vocab:
-            raise ValueError("time_token (Table 1's in-context DiT ablation) is for class-conditional models")
+            raise ValueError("time_token (--time-token, Table 1's in-context DiT ablation) is for class-conditional "
+                             "models, not text models")
         if not qk_norm or time_token:  # Table 1's ablations; recorded only when used, like the text options
             self.config.update(qk_norm=qk_norm, time_token=time_token)
         if step_size:  # recorded only when on: the authors' config and checkpoints stay as they were

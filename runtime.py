@@ -41,8 +41,9 @@ def autocast_dtype(dtype, device):
 
 
 def autocast(dtype, device):
-    """The autocast context of --dtype: bf16 autocast, or fp32 (autocast disabled)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    """The autocast context of --dtype: bf16 autocast, or for fp32 none (an enclosing autocast, such as a training
+    run's grids sampling inside its bf16 autocast, stays on)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from runtime import parse_config
 from inference import (caption_images, check_sampling_options, edit_tokens, encode_images, gather, keep_mask,
                        load_model, make_diffusion, sample_batch, sample_images, sample_seed, tokens_to_images)
 from images import GRID_PIXELS, IMAGE_EXTENSIONS, center_crop, read_image, read_npz_images, save_grid
-from runtime import autocast_dtype, distributed
+from runtime import autocast, autocast_dtype, distributed
 
 config = dict(
     ckpt="",  # a checkpoint of train.py, or of the authors' code (keys model/ema/args)
@@ -207,7 +206,7 @@ def run_captions(cfg, model, meta, vae, scale, tokenizer, dtype):
     g = torch.Generator(device).manual_seed(cfg["seed"])
     texts = []
     for i in tqdm(range(0, len(images), cfg["batch_size"]), desc="captions"):
-        with torch.autocast(device.type, torch.bfloat16) if dtype == "bf16" else nullcontext():
+        with autocast(dtype, device):
             tokens = encode_images(images[i:i + cfg["batch_size"]], model, vae, scale)
             texts += caption_images(model, tokens, tokenizer, cfg["temperature"], cfg["top_k"], g)
     lines = [json.dumps({"source": s, "text": t}, ensure_ascii=False) for s, t in zip(sources, texts)]

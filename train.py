@@ -220,9 +220,9 @@ def train(cfg, rank, world, device, recipes=()):
     data_info = {"vae": data.vae, "vae_ckpt": data.meta.get("vae_ckpt"), "scale_factor": data.scale_factor,
                  "latent_shape": list(data.latent_shape), "image_size": data.meta["image_size"],
                  "num_classes": data.num_classes, "class_names": data.class_names}
-    if tokenizer is not None and (cfg["noisy_copies"] > 1 or cfg["time_token"]):
-        raise ValueError(f"--data {cfg['data'] or 'the captioned demo'} holds captions: --noisy-copies and "
-                         f"--time-token (Tables 1 and 7) are ablations of the class-conditional model")
+    if tokenizer is not None and cfg["noisy_copies"] > 1:  # (--time-token: the model refuses text, model.py)
+        raise ValueError(f"--data {cfg['data'] or 'the captioned demo'} holds captions: --noisy-copies (Table 7) is "
+                         f"an ablation of the class-conditional model")
     model, ema, params, optimizer = build_model(cfg, data.latent_shape, data.num_classes,
                                                 tokenizer.vocab_size if tokenizer else 0, device)
     step, wandb_id = 0, None

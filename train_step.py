@@ -8,7 +8,9 @@ Sec. 6) puts a caption per example in the prefix, before its image (text-to-imag
 next-token loss), decided per example by the mask.
 """
 import copy
-from dataclasses import dataclass, fields
+import functools
+import os
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,31 +19,38 @@ import mask
 import tokenization
 from diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLINGS
 from model import CausalFusion, patchify
+from runtime import read_script_config
+
+
+@functools.cache
+def train_defaults():
+    """train.py's config: its defaults, read from its source (train.py imports this file, not the reverse)."""
+    return read_script_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"))
 
 
 @dataclass(frozen=True)
 class StepOptions:
-    """The choices a training step makes, one per train.py option of the same name (defaults: train.py's);
-    train.py builds it once with from_config."""
-    flip: bool = True  # random horizontal flips of the latents
-    class_dropout: float = 0.1  # probability of the null class (classifier-free guidance)
-    order: str = "random"  # token order: random, raster or block_raster (mask.token_order; Table 3b)
-    order_block: int = 2  # block side (in tokens) of block_raster
-    split_per: str = "sample"  # the AR split (S and the step sizes) drawn per sample, or once per micro-batch
-    gamma: float = 0.9  # AR-step decay: P(S = k) ~ gamma^(k-1); 0 = in-context DiT (App. B)
-    ar_steps_train: int = 0  # a fixed number of AR steps of equal size (Table 2); 0 = random (gamma)
-    transfusion: bool = False  # one AR step, captions see the noisy image (Table 6a's baseline)
-    per_step_t: bool = False  # one timestep per AR step instead of one per image (Table 7)
-    noisy_copies: int = 1  # K noisy copies of each image at K timesteps (Table 7)
-    ar_lambda: float = 2.0  # loss weight of the first AR step, decaying linearly to 1 (Table 3c)
-    timestep_sampling: str = "uniform"  # the timesteps' distribution: uniform (the paper's) or logit-normal
-    logit_mean: float = 0.0  # logit-normal: the mean of the normal whose sigmoid is t
-    logit_std: float = 1.0  # logit-normal: its standard deviation
-    loss_weighting: str = "none"  # none (the paper's) or min-snr: the AR weights times min-SNR-gamma weights
-    snr_gamma: float = 5.0  # min-snr's gamma (Hang et al. 2023: 5)
-    text_len: int = 35  # text tokens per example (captioned data), BOS and EOS included
-    text_first: float = 0.9  # share of examples whose text comes first (text-to-image); the rest are captioned
-    text_loss_weight: float = 0.01  # weight of the captioning next-token loss against the image loss
+    """The choices a training step makes, one per train.py option of the same name; train.py builds it once with
+    from_config, and StepOptions.defaults() holds train.py's defaults."""
+    flip: bool  # random horizontal flips of the latents
+    class_dropout: float  # probability of the null class (classifier-free guidance)
+    order: str  # token order: random, raster or block_raster (mask.token_order; Table 3b)
+    order_block: int  # block side (in tokens) of block_raster
+    split_per: str  # the AR split (S and the step sizes) drawn per sample, or once per micro-batch
+    gamma: float  # AR-step decay: P(S = k) ~ gamma^(k-1); 0 = in-context DiT (App. B)
+    ar_steps_train: int  # a fixed number of AR steps of equal size (Table 2); 0 = random (gamma)
+    transfusion: bool  # one AR step, captions see the noisy image (Table 6a's baseline)
+    per_step_t: bool  # one timestep per AR step instead of one per image (Table 7)
+    noisy_copies: int  # K noisy copies of each image at K timesteps (Table 7)
+    ar_lambda: float  # loss weight of the first AR step, decaying linearly to 1 (Table 3c)
+    timestep_sampling: str  # the timesteps' distribution: uniform (the paper's) or logit-normal
+    logit_mean: float  # logit-normal: the mean of the normal whose sigmoid is t
+    logit_std: float  # logit-normal: its standard deviation
+    loss_weighting: str  # none (the paper's) or min-snr: the AR weights times min-SNR-gamma weights
+    snr_gamma: float  # min-snr's gamma (Hang et al. 2023: 5)
+    text_len: int  # text tokens per example (captioned data), BOS and EOS included
+    text_first: float  # share of examples whose text comes first (text-to-image); the rest are captioned
+    text_loss_weight: float  # weight of the captioning next-token loss against the image loss
 
     def __post_init__(self):
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
@@ -52,11 +61,11 @@ class StepOptions:
                              f"{self.loss_weighting!r}")
         if self.logit_std <= 0 or self.snr_gamma <= 0:
             raise ValueError(f"--logit-std and --snr-gamma must be > 0, got {self.logit_std} and {self.snr_gamma}")
-        defaults = StepOptions.__dataclass_fields__
+        defaults = train_defaults()
         for key, needs, value in (("logit_mean", "timestep_sampling", "logit-normal"),
                                   ("logit_std", "timestep_sampling", "logit-normal"),
                                   ("snr_gamma", "loss_weighting", "min-snr")):
-            if getattr(self, key) != defaults[key].default and getattr(self, needs) != value:
+            if getattr(self, key) != defaults[key] and getattr(self, needs) != value:
                 raise ValueError(f"--{key.replace('_', '-')} {getattr(self, key)} does not apply: it goes with "
                                  f"--{needs.replace('_', '-')} {value}, not {getattr(self, needs)}")
 
@@ -64,6 +73,11 @@ class StepOptions:
     def from_config(cls, cfg):
         """The options of a train.py config dict (its other keys ignored)."""
         return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+    @classmethod
+    def defaults(cls, **changes):
+        """train.py's defaults, with changes (names checked as dataclasses.replace does)."""
+        return replace(cls.from_config(train_defaults()), **changes)
 
 
 def build_model(cfg, latent_shape, num_classes, text_vocab, device):

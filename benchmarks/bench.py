@@ -114,7 +114,7 @@ def bench_text(cfg, device, amp):
     next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
     g = torch.Generator().manual_seed(cfg["seed"])
     n, diffusion, fns = cfg["batch_size"], Diffusion(), {}
-    step_options = StepOptions()  # train.py's defaults: the paper's recipe
+    step_options = StepOptions.defaults()  # train.py's defaults: the paper's recipe
     for name, options in (("class", {}), ("text", dict(text_vocab=cfg["text_vocab"], text_len=cfg["text_len"]))):
         model = build_model(cfg, device, **options)
         ema = copy.deepcopy(model).requires_grad_(False)

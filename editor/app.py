@@ -62,7 +62,7 @@ from images import center_crop, to_8bit
 from inference import (DEFAULT_STEPS, caption_images, check_sampling_options, class_labels, edit_tokens,
                        encode_images, load_model, make_diffusion, region_masks, sample_batch, sample_seed, snap_mask,
                        tokens_to_images)
-from runtime import autocast, autocast_dtype, distributed, parse_config
+from runtime import autocast, autocast_dtype, distributed, parse_config, read_script_config
 
 config = dict(
     ckpt="",  # a checkpoint of train.py, or of the authors' code (as sample.py --ckpt)
@@ -82,10 +82,13 @@ config = dict(
     request_timeout=60.0,  # seconds for a request's line, headers and body together (HTTP 408 after)
 )
 
-# the request fields that are sample.py options, with sample.py's defaults (tests/test_editor.py compares them)
-SAMPLING_DEFAULTS = dict(seed=0, sampler="", steps=0, cfg_scale=1.0, ar_steps=1, eta=0.0, spacing="",
-                         cfg_interval=(0.0, 1000.0), split="equal", order="random", order_block=2)
-CAPTION_DEFAULTS = dict(temperature=0.0, top_k=0, seed=0)  # sample.py --caption's
+# the request fields that are sample.py options, with sample.py's defaults, read from its source (an entry point
+# imports no other)
+SAMPLE_CONFIG = read_script_config(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                "sample.py"))
+SAMPLING_DEFAULTS = {k: SAMPLE_CONFIG[k] for k in ("seed", "sampler", "steps", "cfg_scale", "ar_steps", "eta",
+                                                   "spacing", "cfg_interval", "split", "order", "order_block")}
+CAPTION_DEFAULTS = {k: SAMPLE_CONFIG[k] for k in ("temperature", "top_k", "seed")}  # sample.py --caption's
 SHOWN_ALWAYS = ("sampler", "steps", "cfg_scale", "ar_steps")  # in every answer's command; the others when set
 FIELDS = {  # what each POST takes
     "generate": {"class", "prompt", *SAMPLING_DEFAULTS},

@@ -321,6 +321,8 @@ def test_time_token_and_no_qk_norm_ablations():
     assert attn.shape == (2, 4 + 1 + 32, 37) and lengths == [37, 37] and eps.shape == noisy.shape
     assert (eps - eps_other_t).abs().max() > 1e-4
     assert model.config["time_token"] and "time_token" not in tiny_model().config  # old configs stay as they were
+    with pytest.raises(ValueError, match="time_token .*class-conditional"):  # the model refuses it with text
+        tiny_model(time_token=True, text_vocab=300, text_len=8)
     # QK LayerNorm off: no q_norm / k_norm parameters; the cache still equals the forward
     plain = tiny_model(qk_norm=False)
     assert not [k for k in plain.state_dict() if "q_norm" in k or "k_norm" in k]

@@ -461,7 +461,7 @@ def overfit_text_model():
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
         diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
-        options = StepOptions(text_loss_weight=0.1)
+        options = StepOptions.defaults(text_loss_weight=0.1)
         for _ in range(400):
             k = torch.randint(4, (n,), generator=g)
             order = mask.token_order(n, 4, 4, "random", g)

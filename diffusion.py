@@ -1,5 +1,10 @@
 """Diffusion for CausalFusion (Deng et al. 2024, "Causal Diffusion Transformers for Generative Modeling", Sec. 3):
 the objectives, the timesteps training draws, the AR-weighted loss, CFG inside an interval, and the samplers.
+Two classes, one per idea:
+  Objective(kind)   the path and what training does along it: path (alpha_t, sigma_t), draw_timesteps, q_sample,
+                    model_time, target, loss (AR weights, min-SNR), eps_timesteps; train.py builds only this.
+  Sampler(objective, name, steps, eta, spacing)   the times it visits, a table of coefficients per step (coefs,
+                    whose meaning is its stepping rule's), step, CFG's guide inside its interval, and sample().
 
 Objectives: each is a Gaussian path x_t = alpha_t x0 + sigma_t eps that the training loss and the samplers go along.
   eps   the paper's: the linear VP schedule of T = 1000 timesteps, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t);
@@ -28,12 +33,13 @@ Samplers of flow, at t = N/N, ..., 1/N, landing on t = 0:
             sigma_t = t: second order at one model call per step.
 
 A few-step flow model (distill/few_step.py; shortcut models, Frans et al. 2024) also takes each step's size d in
-flow time: sample(step_size=True) hands it to the model, and distill_target / distill_loss are its training target
-(the teacher's ODE over one step of a k-step euler grid, in small euler steps) and loss.
+flow time: Sampler.sample(step_size=True) hands it to the model, and distill_target / distill_loss are its training
+target (the teacher's ODE over one step of a k-step euler grid, in small euler steps) and loss.
 
 Timesteps handed to the model are always those of the full T-step schedule (eps: ADM/DiT respacing without timestep
 rescaling; flow: T t); every sampler makes one model call per step. The CFG interval is in timesteps of the eps
-schedule for both objectives: a flow time counts as the first eps timestep with at most its SNR (eps_timesteps).
+schedule for both objectives: a flow time counts as the first eps timestep with at most its SNR
+(Objective.eps_timesteps).
 """
 import math
 
@@ -52,96 +58,156 @@ TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")
 LOSS_WEIGHTINGS = ("none", "min-snr")
 
 
-class Diffusion:
-    def __init__(self, sample_steps=250, num_timesteps=1000, sampler=None, eta=None, spacing=None, objective="eps"):
-        if objective not in OBJECTIVES:
-            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        samplers = SAMPLERS_OF[objective]
-        sampler = sampler or samplers[0]
-        if sampler not in samplers:
-            theirs = [o for o in OBJECTIVES if sampler in SAMPLERS_OF[o]]
-            raise ValueError(f"--sampler must be one of {', '.join(samplers)} for an {objective} model, got {sampler!r}"
-                             + (f" (a sampler of {theirs[0]} models)" if theirs else ""))
-        if not 1 <= sample_steps <= (num_timesteps if objective == "eps" else math.inf):
-            raise ValueError(f"--steps must be in 1..{num_timesteps}, got {sample_steps}")
-        if sampler.startswith("dpm++") and sample_steps < 2:
-            raise ValueError(f"--sampler {sampler} needs --steps >= 2, got {sample_steps}")
-        if eta is not None and (sampler != "ddim" or not 0 <= eta <= 1):  # above 1, sigma^2 > 1 - alpha_bar_prev
-            raise ValueError(f"--eta is for --sampler ddim, in [0, 1]; got --eta {eta} with --sampler {sampler}")
-        spacing = spacing or (DEFAULT_SPACING.get(sampler, "uniform") if objective == "eps" else "uniform")
-        if spacing not in SPACINGS or sampler == "ddpm" and spacing != "uniform":
-            raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)} (ddpm: uniform), got {spacing!r}")
-        if objective == "flow" and spacing != "uniform":
-            raise ValueError(f"--spacing of a flow model's samplers: uniform (t = i / N), got {spacing!r}")
-        self.objective, self.sampler, self.spacing = objective, sampler, spacing
-        self.eta = 0.0 if eta is None and sampler == "ddim" else eta
+class Objective:
+    """The training side of a path x_t = alpha_t x0 + sigma_t eps (kind: eps or flow): the timesteps training draws,
+    q_sample, what the model sees (model_time), the target and the weighted loss. alphas_cumprod (T,) float64: the
+    eps schedule's alpha_bar, which flow reads too (eps_timesteps)."""
+
+    def __init__(self, kind="eps", num_timesteps=1000):
+        if kind not in OBJECTIVES:
+            raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {kind!r}")
+        self.kind, self.num_timesteps = kind, num_timesteps
         scale = 1000 / num_timesteps  # keeps the linear schedule's endpoints meaningful for any T
-        full_betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-        self.num_timesteps = num_timesteps
-        self.full_alphas_cumprod = torch.cumprod(1 - full_betas, 0)  # (T,) float64
-        if objective == "flow":
-            self._flow_sampler(sample_steps)
-            return
+        betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+        self.alphas_cumprod = torch.cumprod(1 - betas, 0)  # (T,) float64
 
-        self.timesteps = torch.tensor(self._respace(sample_steps, spacing))  # ascending, visited last to first
-        self.model_timesteps = self.guide_timesteps = self.timesteps.tolist()  # what the model and CFG see
-        acp = self.alphas_cumprod = self.full_alphas_cumprod[self.timesteps]
-        if sampler == "ddim":  # steps through step(), with its own coefficients
-            self.step_coefs = self._ddim_coefs(acp.tolist(), self.eta)
-        if sampler.startswith("dpm++"):  # steps through dpm_step(); x0 = (x - sqrt(1 - a) eps) / sqrt(a)
-            a = acp.tolist()
-            data = [(1 / math.sqrt(x), -math.sqrt((1 - x) / x)) for x in a]
-            self.dpm_coefs = self._dpm_coefs(a, [1 - x for x in a], data, sde=sampler == "dpm++sde")
-        if sampler != "ddpm":
-            return  # the rest is DDPM's
-        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
-        self.betas = 1 - acp / acp_prev  # the betas whose products give the kept marginals
-        posterior_variance = self.betas * (1 - acp_prev) / (1 - acp)
-        # fixed "large"; one step (N = 1) adds no noise, so its variance is never used
-        self.variance = torch.cat([posterior_variance[1:2], self.betas[1:]]) if sample_steps > 1 else self.betas
-        self.coef_x0 = self.betas * acp_prev.sqrt() / (1 - acp)  # posterior mean = coef_x0 x0 + coef_xt xt
-        self.coef_xt = (1 - acp_prev) * (1 - self.betas).sqrt() / (1 - acp)
-        # a step as x_{i-1} = c_x x + c_eps eps + sigma z, x0 = (x - sqrt(1 - acp) eps) / sqrt(acp) folded in;
-        # Python floats, so the sampler's hot loop makes no device copies and no per-step .item() calls
-        self.step_coefs = torch.stack([self.coef_x0 / acp.sqrt() + self.coef_xt,
-                                       -self.coef_x0 * (1 - acp).sqrt() / acp.sqrt(), self.variance.sqrt()], 1).tolist()
-
-    def _flow_sampler(self, n):
-        """A flow sampler visiting t = N/N, ..., 1/N (ascending in self.timesteps, float64), landing on t = 0: the
-        model sees T t, CFG's interval the eps timesteps of the same SNR."""
-        self.timesteps = torch.arange(1, n + 1, dtype=torch.float64) / n
-        t = self.timesteps.tolist()
-        self.model_timesteps = [self.num_timesteps * x for x in t]
-        self.guide_timesteps = self.eps_timesteps(self.timesteps).tolist()
-        self.step_sizes = [t0 - t1 for t0, t1 in zip(t, [0.0] + t[:-1])]  # what a step-size model sees, d = t - t'
-        if self.sampler == "euler":  # x' = x + (t' - t) v, in step()'s form
-            self.step_coefs = [[1.0, t1 - t0, 0.0] for t0, t1 in zip(t, [0.0] + t[:-1])]
-        else:  # x0 = x - t v: alpha = 1 - t, sigma = t
-            self.dpm_coefs = self._dpm_coefs([(1 - x) ** 2 for x in t], [x * x for x in t], [(1.0, -x) for x in t],
-                                             sde=self.sampler == "dpm++sde")
+    def path(self, t, like):
+        """(alpha_t, sigma_t) of timesteps t (N,) or per token (N, L), shaped to broadcast against tokens `like`."""
+        shape = (*t.shape, *([1] * (like.dim() - t.dim())))  # (N, 1, 1) or (N, L, 1)
+        if self.kind == "flow":
+            t = t.to(torch.float32).view(shape)
+            return 1 - t, t
+        if self.alphas_cumprod.device != t.device:  # moved once: a copy per call would sync the GPU
+            self.alphas_cumprod = self.alphas_cumprod.to(t.device)
+        acp = self.alphas_cumprod[t].to(torch.float32).view(shape)
+        return acp.sqrt(), (1 - acp).sqrt()
 
     def eps_timesteps(self, t):
         """The eps timesteps (long) of flow times t: the first timestep of the T-step schedule whose SNR is at most
         t's, ((1 - t) / t)^2 (the number of timesteps with a higher SNR), T - 1 for the times noisier than all.
         So `--cfg-interval LO HI` (lo <= timestep < hi, as the authors') guides the same region of noise for both
         objectives; (0, 1000) every flow time."""
-        log_snr = (self.full_alphas_cumprod / (1 - self.full_alphas_cumprod)).log()  # (T,) decreasing
+        log_snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).log()  # (T,) decreasing
         flow_log_snr = 2 * ((1 - t.double()).log() - t.double().log())  # -inf at t = 1
-        return (log_snr > flow_log_snr[..., None]).sum(-1).clamp(max=self.num_timesteps - 1)
+        return (log_snr.to(t.device) > flow_log_snr[..., None]).sum(-1).clamp(max=self.num_timesteps - 1)
+
+    def q_sample(self, x0, t, noise):
+        """x_t = alpha_t x_0 + sigma_t eps; t is (N,) or per token (N, L): eps's timesteps, flow's times."""
+        alpha, sigma = self.path(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def model_time(self, t):
+        """The timesteps the model's embedder sees for training's t: eps's themselves, T t for flow."""
+        return t if self.kind == "eps" else self.num_timesteps * t
+
+    def draw_timesteps(self, shape, generator, sampling="uniform", logit_mean=0.0, logit_std=1.0):
+        """Training's timesteps, one per element of shape: eps's long in 0..T-1, flow's float t in [0, 1].
+        uniform: the paper's; logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's lognorm), for
+        eps the timestep floor(T t)."""
+        if sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"--timestep-sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
+        if sampling == "uniform":
+            if self.kind == "eps":
+                return torch.randint(0, self.num_timesteps, shape, generator=generator)
+            return torch.rand(shape, generator=generator)
+        t = torch.sigmoid(logit_mean + logit_std * torch.randn(shape, generator=generator))
+        return t if self.kind == "flow" else (self.num_timesteps * t).long().clamp(max=self.num_timesteps - 1)
+
+    def target(self, x0, noise):
+        """What the model predicts: eps = noise, flow's v = noise - x0."""
+        return noise if self.kind == "eps" else noise - x0
+
+    def min_snr_weight(self, t, gamma, like):
+        """Min-SNR-gamma weights (Hang et al. 2023) of training's t, shaped as path's. They weight the x0 error
+        by min(SNR, gamma), SNR = alpha^2 / sigma^2. Our loss is the MSE of the model's prediction, and the x0
+        estimate is x0 = p x_t + q pred, so the x0 error is q times the prediction's error, and the weight on our
+        MSE is min(SNR, gamma) q^2:
+          eps:  x0 = (x_t - sigma eps) / alpha, q^2 = sigma^2 / alpha^2 = 1 / SNR: min(SNR, gamma) / SNR (theirs);
+          flow: x0 = x_t - t v, q^2 = t^2, SNR = ((1 - t) / t)^2: min(SNR, gamma) t^2, i.e. min(SNR, gamma) /
+                (1 + sqrt(SNR))^2 (0 at t = 0 and t = 1).
+        Either way the loss, as a function of the implied x0, is theirs."""
+        alpha, sigma = self.path(t, like)
+        snr = (alpha / sigma).square()
+        q2 = 1 / snr if self.kind == "eps" else sigma.square()
+        return snr.clamp(max=gamma) * q2
+
+    def loss(self, pred, x0, noise, t, weights, weighting="none", snr_gamma=5.0):
+        """Mean over tokens of weights (N, L) times each token's squared error (mean over its P values) of the
+        prediction pred (N, L, P) against its target. weighting "min-snr" multiplies the weights by
+        min_snr_weight(t, snr_gamma)."""
+        if weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
+        if weighting == "min-snr":
+            weights = weights * self.min_snr_weight(t, snr_gamma, pred)[..., 0]  # (N, L)
+        return weighted_mse(pred, self.target(x0, noise), weights)
+
+
+class Sampler:
+    """A sampler of an objective (an Objective or its kind): the N times it visits, ascending in `timesteps` (eps:
+    long timesteps of the T-step schedule; flow: float64 t = i / N), what the model and CFG see at each
+    (model_timesteps, guide_timesteps), each step's size in those times (step_sizes: what a step-size model sees),
+    and `coefs`, one row per step for its stepping rule (step): ddpm, ddim, euler x' = c_x x + c_pred pred + sigma z
+    (rows (c_x, c_pred, sigma)); dpm++, dpm++sde multistep (rows (p, q, A, G, c, s), see _dpm_coefs)."""
+
+    def __init__(self, objective="eps", name=None, steps=250, eta=None, spacing=None):
+        objective = objective if isinstance(objective, Objective) else Objective(objective)
+        kind, T = objective.kind, objective.num_timesteps
+        samplers = SAMPLERS_OF[kind]
+        name = name or samplers[0]
+        if name not in samplers:
+            theirs = [o for o in OBJECTIVES if name in SAMPLERS_OF[o]]
+            raise ValueError(f"--sampler must be one of {', '.join(samplers)} for an {kind} model, got {name!r}"
+                             + (f" (a sampler of {theirs[0]} models)" if theirs else ""))
+        if not 1 <= steps <= (T if kind == "eps" else math.inf):
+            raise ValueError(f"--steps must be in 1..{T}, got {steps}")
+        if name.startswith("dpm++") and steps < 2:
+            raise ValueError(f"--sampler {name} needs --steps >= 2, got {steps}")
+        if eta is not None and (name != "ddim" or not 0 <= eta <= 1):  # above 1, sigma^2 > 1 - alpha_bar_prev
+            raise ValueError(f"--eta is for --sampler ddim, in [0, 1]; got --eta {eta} with --sampler {name}")
+        spacing = spacing or (DEFAULT_SPACING.get(name, "uniform") if kind == "eps" else "uniform")
+        if spacing not in SPACINGS or name == "ddpm" and spacing != "uniform":
+            raise ValueError(f"--spacing must be one of {', '.join(SPACINGS)} (ddpm: uniform), got {spacing!r}")
+        if kind == "flow" and spacing != "uniform":
+            raise ValueError(f"--spacing of a flow model's samplers: uniform (t = i / N), got {spacing!r}")
+        self.objective, self.name, self.spacing = objective, name, spacing
+        self.eta = 0.0 if eta is None and name == "ddim" else eta
+        self.multistep = name.startswith("dpm++")
+        if kind == "flow":  # t = N/N, ..., 1/N, landing on t = 0: alpha = 1 - t, sigma = t, x0 = x - t v
+            self.timesteps = torch.arange(1, steps + 1, dtype=torch.float64) / steps
+            t = self.timesteps.tolist()
+            self.model_timesteps = [T * x for x in t]
+            self.guide_timesteps = objective.eps_timesteps(self.timesteps).tolist()
+            alpha2, sigma2, data = [(1 - x) ** 2 for x in t], [x * x for x in t], [(1.0, -x) for x in t]
+        else:  # x0 = (x - sqrt(1 - a) eps) / sqrt(a), a = alpha_bar
+            self.timesteps = torch.tensor(self._respace(steps, spacing))
+            t = self.timesteps.tolist()
+            self.model_timesteps = self.guide_timesteps = t
+            acp = objective.alphas_cumprod.cpu()[self.timesteps]
+            alpha2 = acp.tolist()
+            sigma2, data = [1 - x for x in alpha2], [(1 / math.sqrt(x), -math.sqrt((1 - x) / x)) for x in alpha2]
+        self.step_sizes = [t0 - t1 for t0, t1 in zip(t, [0.0] + t[:-1])]  # d = t - t', what a step-size model sees
+        if self.multistep:
+            self.coefs = self._dpm_coefs(alpha2, sigma2, data, sde=name == "dpm++sde")
+        elif name == "euler":  # x' = x + (t' - t) v
+            self.coefs = [[1.0, -d, 0.0] for d in self.step_sizes]
+        elif name == "ddim":
+            self.coefs = self._ddim_coefs(alpha2, self.eta)
+        else:
+            self.coefs = self._ddpm_coefs(acp)
 
     def _respace(self, n, spacing):
-        """The N distinct full-schedule timesteps a sampler visits, ascending.
+        """The N distinct full-schedule timesteps an eps sampler visits, ascending.
         uniform: ADM's space_timesteps with one section, both ends kept. Its index accumulates the float stride
           and Python's round() takes .5 to even, so round(i * stride) would differ at some odd N.
         trailing: diffusers' "trailing", round(T i / N) - 1 for i = N..1: starts at T - 1, never visits the
           low-noise end below T / N - 1. Exact (diffusers' np.arange drifts off some .5 ties, e.g. at N = 48).
         logsnr: uniform in log-SNR from t = 0 to T - 1, each point taken to its nearest timestep; where
           several land on one (the low-noise end, at larger N) the later move up, so N stay N distinct."""
-        T = self.num_timesteps
+        T, acp = self.objective.num_timesteps, self.objective.alphas_cumprod.cpu()
         if spacing == "trailing":
             return [round(T * i / n) - 1 for i in range(1, n + 1)]
         if spacing == "logsnr":
-            lam = (self.full_alphas_cumprod / (1 - self.full_alphas_cumprod)).log()  # 2 lambda, decreasing in t
+            lam = (acp / (1 - acp)).log()  # 2 lambda, decreasing in t
             kept = (lam - torch.linspace(lam[0], lam[-1], n, dtype=torch.float64)[:, None]).abs().argmin(1).tolist()
             for i in range(1, n):
                 kept[i] = max(kept[i], kept[i - 1] + 1)
@@ -153,9 +219,17 @@ class Diffusion:
         return kept
 
     @staticmethod
+    def _ddpm_coefs(acp):
+        """DDPM's ancestral step (ddpm_posterior) as x_{i-1} = c_x x + c_eps eps + sigma z, x0 = (x - sqrt(1 - acp)
+        eps) / sqrt(acp) folded in; Python floats, so the hot loop makes no device copies and no .item() calls."""
+        _, variance, coef_x0, coef_xt = ddpm_posterior(acp)
+        return torch.stack([coef_x0 / acp.sqrt() + coef_xt, -coef_x0 * (1 - acp).sqrt() / acp.sqrt(),
+                            variance.sqrt()], 1).tolist()
+
+    @staticmethod
     def _ddim_coefs(acp, eta):
-        """DDIM in step()'s form: x_{i-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z with x0 folded in,
-        a' = alpha_bar at timesteps[i - 1], 1 after timesteps[0]."""
+        """DDIM as x_{i-1} = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z with x0 folded in, a' = alpha_bar at
+        timesteps[i - 1], 1 after timesteps[0]."""
         coefs = []
         for a, a1 in zip(acp, [1.0] + acp[:-1]):
             sigma = eta * math.sqrt((1 - a1) / (1 - a) * (1 - a / a1))
@@ -183,70 +257,6 @@ class Diffusion:
             coefs.append([*data[i], A, G, c, s])
         return coefs
 
-    def _path(self, t, like):
-        """(alpha_t, sigma_t) of timesteps t (N,) or per token (N, L), shaped to broadcast against tokens `like`."""
-        shape = (*t.shape, *([1] * (like.dim() - t.dim())))  # (N, 1, 1) or (N, L, 1)
-        if self.objective == "flow":
-            t = t.to(torch.float32).view(shape)
-            return 1 - t, t
-        if self.full_alphas_cumprod.device != t.device:  # moved once: a copy per call would sync the GPU
-            self.full_alphas_cumprod = self.full_alphas_cumprod.to(t.device)
-        acp = self.full_alphas_cumprod[t].to(torch.float32).view(shape)
-        return acp.sqrt(), (1 - acp).sqrt()
-
-    def q_sample(self, x0, t, noise):
-        """x_t = alpha_t x_0 + sigma_t eps; t is (N,) or per token (N, L): eps's timesteps, flow's times."""
-        alpha, sigma = self._path(t, x0)
-        return alpha * x0 + sigma * noise
-
-    def model_time(self, t):
-        """The timesteps the model's embedder sees for training's t: eps's themselves, T t for flow."""
-        return t if self.objective == "eps" else self.num_timesteps * t
-
-    def draw_timesteps(self, shape, generator, sampling="uniform", logit_mean=0.0, logit_std=1.0):
-        """Training's timesteps, one per element of shape: eps's long in 0..T-1, flow's float t in [0, 1].
-        uniform: the paper's; logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std^2) (SD3's lognorm), for
-        eps the timestep floor(T t)."""
-        if sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"--timestep-sampling must be one of {', '.join(TIMESTEP_SAMPLINGS)}, got {sampling!r}")
-        if sampling == "uniform":
-            if self.objective == "eps":
-                return torch.randint(0, self.num_timesteps, shape, generator=generator)
-            return torch.rand(shape, generator=generator)
-        t = torch.sigmoid(logit_mean + logit_std * torch.randn(shape, generator=generator))
-        return t if self.objective == "flow" else (self.num_timesteps * t).long().clamp(max=self.num_timesteps - 1)
-
-    def min_snr_weight(self, t, gamma, like):
-        """Min-SNR-gamma weights (Hang et al. 2023) of training's t, shaped as _path's. They weight the x0 error
-        by min(SNR, gamma), SNR = alpha^2 / sigma^2. Our loss is the MSE of the model's prediction, and the x0
-        estimate is x0 = p x_t + q pred, so the x0 error is q times the prediction's error, and the weight on our
-        MSE is min(SNR, gamma) q^2:
-          eps:  x0 = (x_t - sigma eps) / alpha, q^2 = sigma^2 / alpha^2 = 1 / SNR: min(SNR, gamma) / SNR (theirs);
-          flow: x0 = x_t - t v, q^2 = t^2, SNR = ((1 - t) / t)^2: min(SNR, gamma) t^2, i.e. min(SNR, gamma) /
-                (1 + sqrt(SNR))^2 (0 at t = 0 and t = 1).
-        Either way the loss, as a function of the implied x0, is theirs."""
-        alpha, sigma = self._path(t, like)
-        snr = (alpha / sigma).square()
-        q2 = 1 / snr if self.objective == "eps" else sigma.square()
-        return snr.clamp(max=gamma) * q2
-
-    def training_loss(self, model, x0, t, noise, weights, **model_kwargs):
-        """AR-weighted MSE of the prediction over all noisy tokens. x0, noise (N, L, P) in AR order; weights (N, L).
-        The clean tokens shown to the model as context are x0 itself."""
-        xt = self.q_sample(x0, t, noise)
-        return self.loss(model(x0, xt, self.model_time(t), **model_kwargs), x0, noise, t, weights)
-
-    def loss(self, pred, x0, noise, t, weights, weighting="none", snr_gamma=5.0):
-        """Mean over tokens of weights (N, L) times each token's squared error (mean over its P values) of the
-        prediction pred (N, L, P) against its target: eps = noise, flow's v = noise - x0. weighting "min-snr"
-        multiplies the weights by min_snr_weight(t, snr_gamma)."""
-        if weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"--loss-weighting must be one of {', '.join(LOSS_WEIGHTINGS)}, got {weighting!r}")
-        target = noise if self.objective == "eps" else noise - x0
-        if weighting == "min-snr":
-            weights = weights * self.min_snr_weight(t, snr_gamma, pred)[..., 0]  # (N, L)
-        return weighted_mse(pred, target, weights)
-
     @staticmethod
     def guide(pred, t, cfg_scale, cfg_interval):
         """Classifier-free guidance of a doubled batch [cond; uncond] -> (N, ...): pred_u + s (pred_c - pred_u)
@@ -257,43 +267,51 @@ class Diffusion:
             return pred_c
         return pred_u + cfg_scale * (pred_c - pred_u)
 
-    def step(self, x, pred, i, generator):
-        """One ancestral (ddpm, ddim) or Euler step from index i to i - 1."""
-        c_x, c_pred, sigma = self.step_coefs[i]
-        mean = c_x * x + c_pred * pred
-        if i == 0 or sigma == 0:  # DDIM at eta = 0 and Euler draw no noise
-            return mean
-        return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    def step(self, x, pred, i, x0_prev, generator):
+        """One step from index i to i - 1 -> (x', its data prediction x0: the multistep rule's, else None); x0_prev:
+        the previous step's x0 (None at the first). The last step (i = 0) draws no noise."""
+        if self.multistep:
+            p, q, A, G, c, sigma = self.coefs[i]
+            x0 = p * x + q * pred
+            x = A * x + G * (x0 + c * (x0 - x0_prev) if c else x0)
+        else:
+            (c_x, c_pred, sigma), x0 = self.coefs[i], None
+            x = c_x * x + c_pred * pred
+        if i == 0 or sigma == 0:  # DDIM at eta = 0, Euler and DPM-Solver++'s ODE draw no noise
+            return x, x0
+        return x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype), x0
 
-    def dpm_step(self, x, pred, i, x0_prev, generator):
-        """One DPM-Solver++(2M) step (ODE or SDE) from index i to i - 1 -> (x, its data prediction x0)."""
-        p, q, A, G, c, s = self.dpm_coefs[i]
-        x0 = p * x + q * pred
-        x = A * x + G * (x0 + c * (x0 - x0_prev) if c else x0)
-        if s:
-            x = x + s * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x, x0
-
-    def sample(self, eps_fn, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None, step_size=False):
-        """Denoise x (N, ...) from pure noise. eps_fn(x, t) -> the model's prediction (eps, or flow's v), with t
+    def sample(self, predict, x, generator, cfg_scale=1.0, cfg_interval=(0, 1000), progress=None, step_size=False):
+        """Denoise x (N, ...) from pure noise. predict(x, t) -> the model's prediction (eps, or flow's v), with t
         a timestep of the full schedule (flow: T t, a float); with cfg_scale > 1 it receives the doubled batch
         [x; x] (cond half first). cfg_interval: in eps timesteps for both objectives (guide_timesteps).
-        step_size (a flow sampler of a step-size model): eps_fn(x, t, d) also gets the step's size d in flow time."""
-        if step_size and self.objective != "flow":
+        step_size (a flow sampler of a step-size model): predict(x, t, d) also gets the step's size d in flow time."""
+        if step_size and self.objective.kind != "flow":
             raise ValueError("a step-size model (distill/few_step.py) samples with a flow sampler")
         steps, x0 = reversed(range(len(self.timesteps))), None
         for i in (progress(steps) if progress else steps):
             t = self.model_timesteps[i]
             args = (t, self.step_sizes[i]) if step_size else (t,)
             if cfg_scale > 1:
-                pred = self.guide(eps_fn(torch.cat([x, x]), *args), self.guide_timesteps[i], cfg_scale, cfg_interval)
+                pred = self.guide(predict(torch.cat([x, x]), *args), self.guide_timesteps[i], cfg_scale, cfg_interval)
             else:
-                pred = eps_fn(x, *args)
-            if self.sampler.startswith("dpm++"):
-                x, x0 = self.dpm_step(x, pred.to(x.dtype), i, x0, generator)
-            else:  # ddpm, ddim, euler
-                x = self.step(x, pred.to(x.dtype), i, generator)
+                pred = predict(x, *args)
+            x, x0 = self.step(x, pred.to(x.dtype), i, x0, generator)
         return x
+
+
+def ddpm_posterior(acp):
+    """DDPM's tables (Ho et al. 2020) of the alpha_bar acp (N,) float64 a sampler visits, ADM-respaced: the betas
+    whose products give those marginals, the fixed "large" variance, and the posterior mean's coefficients, mean =
+    coef_x0 x0 + coef_xt x_t -> (betas, variance, coef_x0, coef_xt), each (N,)."""
+    acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    betas = 1 - acp / acp_prev
+    posterior_variance = betas * (1 - acp_prev) / (1 - acp)
+    # fixed "large"; one step (N = 1) adds no noise, so its variance is never used
+    variance = torch.cat([posterior_variance[1:2], betas[1:]]) if len(acp) > 1 else betas
+    coef_x0 = betas * acp_prev.sqrt() / (1 - acp)
+    coef_xt = (1 - acp_prev) * (1 - betas).sqrt() / (1 - acp)
+    return betas, variance, coef_x0, coef_xt
 
 
 def weighted_mse(pred, target, weights):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import mask
 import tokenization
 from checkpoint import load_checkpoint
-from diffusion import SAMPLERS_OF, Diffusion
+from diffusion import SAMPLERS_OF, Sampler
 from images import to_8bit
 from model import patchify, unpatchify
 from runtime import autocast
@@ -44,16 +44,16 @@ def sample_seed(seed, batch):
 
 
 def make_diffusion(steps=0, sampler="", eta=0.0, spacing="", objective="eps"):
-    """The Diffusion sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
+    """The Sampler of the command-line options (sample.py --steps --sampler --eta --spacing; train.py's
     --grid-steps with the same others) for a model of the objective (its checkpoint's): sampler "" = the
     objective's default (eps: ddpm, flow: euler), steps 0 = the sampler's default (DEFAULT_STEPS), eta only for
     ddim (0: deterministic), spacing "" = the sampler's default timesteps."""
     if steps < 0:
         raise ValueError(f"--steps must be >= 1, or 0 for the sampler's default ({DEFAULT_STEPS.get(objective)}); got "
                          f"{steps}")
-    sampler = sampler or SAMPLERS_OF.get(objective, ("",))[0]  # Diffusion names a wrong objective or sampler
-    return Diffusion(steps or DEFAULT_STEPS.get(objective, {}).get(sampler, 1), sampler=sampler,
-                     eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None, objective=objective)
+    sampler = sampler or SAMPLERS_OF.get(objective, ("",))[0]  # Sampler names a wrong objective or sampler
+    return Sampler(objective, name=sampler, steps=steps or DEFAULT_STEPS.get(objective, {}).get(sampler, 1),
+                   eta=eta if sampler == "ddim" or eta else None, spacing=spacing or None)
 
 
 def load_model(cfg, device):
@@ -105,11 +105,11 @@ def generate(model, diffusion, labels, step_sizes, order, generator, cfg_scale=1
         pos = order[:, start:start + size]  # (N, k)
         pos2 = double(pos)
 
-        def eps_fn(x, t, d=None):  # d: a step-size model's step (diffusion.sample)
+        def predict(x, t, d=None):  # d: a step-size model's step (Sampler.sample)
             full = lambda v: torch.full((x.shape[0],), v, device=device)
             return model.denoise(cache, x, full(t), pos2, None if d is None else full(d))
         x = torch.randn(n, size, model.token_dim, generator=generator, device=device)
-        x = diffusion.sample(eps_fn, x, generator, cfg_scale, cfg_interval, progress, step_size=model.step_size)
+        x = diffusion.sample(predict, x, generator, cfg_scale, cfg_interval, progress, step_size=model.step_size)
         if s < len(step_sizes) - 1:
             model.extend(cache, double(x), pos2)
         out.scatter_(1, pos[..., None].expand_as(x), x.float())
@@ -194,7 +194,7 @@ def sample_images(model, vae, scale_factor, num_samples, classes=None, ar_steps=
                   f"and were cut")
     else:
         labels = class_labels(num_samples, classes, model.num_classes, seed).numpy()
-    diffusion = diffusion or Diffusion()  # default: the paper's 250 DDPM steps
+    diffusion = diffusion or Sampler()  # default: the paper's 250 DDPM steps
     images, index = [], []
     for b in tqdm(range(rank, -(-num_samples // batch_size), world_size), disable=rank > 0, desc="batches"):
         idx = torch.arange(b * batch_size, min(num_samples, (b + 1) * batch_size))

@@ -3,7 +3,8 @@
 A decoder-only transformer over [prefix | clean tokens | noisy tokens]. The prefix (class tokens) comes first,
 clean tokens carry the finished AR steps, and noisy tokens (with the timestep embedding added) are
 denoised; the generalized causal mask (mask.py) keeps each AR step from seeing later ones. The model
-only predicts epsilon for the noisy tokens: noising, losses and samplers live in diffusion.py.
+returns only its prediction for the noisy tokens (eps, or v for flow): noising, losses and samplers live in
+diffusion.py.
 
 The multimodal model (paper Sec. 6, text_vocab > 0) puts a text in the prefix instead of class tokens:
 text embedding plus a learnable text position embedding, the same blocks, and a next-token head. Where the
@@ -300,8 +301,8 @@ class CausalFusion(nn.Module):
         return h
 
     def forward(self, clean, noisy, t, y, pos, attn_mask, clean_pos=None, text=None, d=None):
-        """Training forward over [cond | clean | noisy]; returns eps predictions for the noisy tokens, and with
-        a text also the next-token logits (N, Lt, V) of every text position.
+        """Training forward over [cond | clean | noisy]; returns the prediction (eps, or v for flow) (N, L, P) of
+        the noisy tokens, and with a text also the next-token logits (N, Lt, V) of every text position.
 
         clean (N, Lx, P) and noisy (N, L, P) are in AR order; pos (N, L) is the image position of each noisy
         token and clean_pos (default pos[:, :Lx]) that of each clean one; t is (N,) or (N, L); y (N,) labels,
@@ -320,8 +321,8 @@ class CausalFusion(nn.Module):
                 h = checkpoint(block, h, attn_mask, use_reentrant=False)
             else:
                 h = block(h, attn_mask)
-        eps = self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
-        return eps if text is None else (eps, self.text_head(h[:, :text.shape[1]]))
+        pred = self.final_layer(h[:, -noisy.shape[1]:])  # (N, L, P)
+        return pred if text is None else (pred, self.text_head(h[:, :text.shape[1]]))
 
     # ---- inference through a KV cache (inference.py) ----
     def new_cache(self, batch, max_len=None, dtype=None, device=None):
@@ -373,9 +374,9 @@ class CausalFusion(nn.Module):
         return self.text_head(self._run_cached(self.embed_text(text, start), cache, keep=True, among=causal))
 
     def denoise(self, cache, noisy, t, pos, d=None):
-        """eps (N, k, P) for noisy tokens (N, k, P) at positions pos (N, k) and timestep t (N,) (a step-size
-        model: step size d (N,)), seeing the cache and each other (the current AR step); the cache is left as it
-        was."""
+        """The prediction (eps, or v for flow) (N, k, P) of noisy tokens (N, k, P) at positions pos (N, k) and
+        timestep t (N,) (a step-size model: step size d (N,)), seeing the cache and each other (the current AR
+        step); the cache is left as it was."""
         if not self.time_token:
             return self.final_layer(self._run_cached(self.embed_tokens(noisy, pos, t, d), cache, keep=False))
         # the time token goes first: it sees the cond tokens and itself, as in training; the noisy tokens see it

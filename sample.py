@@ -104,7 +104,7 @@ def provenance(cfg, diffusion, dtype):
         for block in iter(lambda: f.read(1 << 24), b""):
             sha.update(block)
     return dict(ckpt=os.path.basename(cfg["ckpt"]), ckpt_sha256=sha.hexdigest(), weights="ema" if cfg["ema"] else
-                "model", objective=diffusion.objective, sampler=diffusion.sampler, steps=len(diffusion.timesteps),
+                "model", objective=diffusion.objective.kind, sampler=diffusion.name, steps=len(diffusion.timesteps),
                 eta=diffusion.eta, spacing=diffusion.spacing, cfg_scale=cfg["cfg_scale"],
                 cfg_interval=list(cfg["cfg_interval"]),
                 ar_steps=cfg["ar_steps"], order=cfg["order"], split=cfg["split"], classes=cfg["classes"],

@@ -31,7 +31,7 @@ import torch
 import demos
 import tokenization
 from checkpoint import check_resumable, init_from, read_checkpoint, save_checkpoint
-from diffusion import Diffusion
+from diffusion import Objective
 from inference import make_diffusion, sample_latents, tokens_to_images
 from images import GRID_PIXELS, save_grid
 from latents import LatentData
@@ -206,7 +206,7 @@ def train(cfg, rank, world, device, recipes=()):
     dtype, options = check_train_options(cfg, world, device)
     accum, micro_size = micro_batches(cfg["batch_size"], cfg["device_batch_size"], world)
     micro = world * accum  # micro-batches in a global batch
-    diffusion = Diffusion(objective=cfg["objective"])  # training's: the 1000-step schedule, or flow's t in [0, 1]
+    objective = Objective(cfg["objective"])  # training's: the 1000-step schedule, or flow's t in [0, 1]
     ckpt_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(ckpt_path) and not cfg["resume"]:
         raise FileExistsError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
@@ -282,14 +282,14 @@ def train(cfg, rank, world, device, recipes=()):
             m = rank * accum + a  # this micro-batch's place in the global batch
             batch = draw_micro_batch(data, model, indices[m * micro_size:(m + 1) * micro_size],
                                      seeded(cfg["seed"], SEED_TRAIN_STEP, step, m), options=options,
-                                     diffusion=diffusion, tokenizer=tokenizer)
+                                     objective=objective, tokenizer=tokenizer)
             captions[0] += batch.pop("truncated", 0)
             captions[1] += micro_size if tokenizer else 0
             b = {k: (x.pin_memory() if pin else x).to(device, non_blocking=True) for k, x in batch.items()}
             last = a == accum - 1
             with contextlib.nullcontext() if world == 1 or last else train_model.no_sync():
                 with amp:
-                    loss, image_loss, text_sum, text_count = forward_losses(train_model, model, diffusion, b, options)
+                    loss, image_loss, text_sum, text_count = forward_losses(train_model, model, objective, b, options)
                 (loss / accum).backward()
             sums += torch.stack([image_loss.detach(), zero if text_sum is None else text_sum.detach(),
                                  zero if text_count is None else text_count.float()])

@@ -188,7 +188,7 @@ def fid_name(n):
 
 def fid_record(step, value, seconds, sampler, cfg):
     """The metrics.jsonl record of an evaluation."""
-    return dict(step=step, fid=value, eval_samples=cfg["eval_samples"], sampler=sampler.sampler,
+    return dict(step=step, fid=value, eval_samples=cfg["eval_samples"], sampler=sampler.name,
                 sampler_steps=len(sampler.timesteps), cfg_scale=cfg["cfg_scale"], seconds=seconds)
 
 

@@ -101,9 +101,9 @@ def build_model(cfg, latent_shape, num_classes, text_vocab, device):
     return model, ema, params, optimizer
 
 
-def draw_micro_batch(data, model, indices, g, options, diffusion, tokenizer=None):
+def draw_micro_batch(data, model, indices, g, options, objective, tokenizer=None):
     """One micro-batch, in AR order (K = options.noisy_copies): a dict of clean tokens (B, L, P), noise (B, K L, P),
-    t (B,) or (B, K L) (diffusion.draw_timesteps': eps's timesteps, flow's times), labels y (B,), order (B, L) (the
+    t (B,) or (B, K L) (Objective.draw_timesteps': eps's timesteps, flow's times), labels y (B,), order (B, L) (the
     image position of each AR slot) and steps (B, L) (AR step ids). With a tokenizer (captioned data) also one
     caption per example, drawn from its captions: text (B, Lt) ids, text_len (B,) real tokens, text_after (B,)
     (True: the image comes first and is captioned), and truncated (how many of these captions were cut to Lt
@@ -120,7 +120,7 @@ def draw_micro_batch(data, model, indices, g, options, diffusion, tokenizer=None
     if o.ar_steps_train:  # (drawn above all the same: the stream stays that of a random-S run)
         steps = mask.step_ids_from_sizes(mask.equal_split(o.ar_steps_train, L)).expand(n, L).clone()
     K = o.noisy_copies
-    draw_t = lambda shape: diffusion.draw_timesteps(shape, g, o.timestep_sampling, o.logit_mean, o.logit_std)
+    draw_t = lambda shape: objective.draw_timesteps(shape, g, o.timestep_sampling, o.logit_mean, o.logit_std)
     if o.per_step_t:  # the t of each slot's AR step, per copy
         t = draw_t((n, K, L)).gather(2, steps[:, None].expand(n, K, L)).flatten(1)  # (B, K L)
     else:
@@ -138,7 +138,7 @@ def draw_micro_batch(data, model, indices, g, options, diffusion, tokenizer=None
     return batch
 
 
-def forward_losses(train_model, model, diffusion, b, options):
+def forward_losses(train_model, model, objective, b, options):
     """(loss to minimize, image loss, text loss sum, text tokens): the image loss is the AR-weighted MSE of the
     prediction (eps, or flow's v; options.loss_weighting) over every example; a text model adds the next-token loss
     of the texts that follow their image (mean over their tokens, times options.text_loss_weight), whose sum and
@@ -160,11 +160,11 @@ def forward_losses(train_model, model, diffusion, b, options):
     def copies(a):  # (B, L, ...) -> (B, K L, ...); no copy for K = 1, the hot path
         return a if K == 1 else a.repeat(1, K, *[1] * (a.dim() - 2))
     x0 = copies(b["clean"])  # (B, K L, P)
-    xt = diffusion.q_sample(x0, b["t"], b["noise"])  # (B, K L, P)
-    out = train_model(b["clean"][:, :Lx], xt, diffusion.model_time(b["t"]), b["y"], copies(order), attn_mask,
+    xt = objective.q_sample(x0, b["t"], b["noise"])  # (B, K L, P)
+    out = train_model(b["clean"][:, :Lx], xt, objective.model_time(b["t"]), b["y"], copies(order), attn_mask,
                       clean_pos=order[:, :Lx], text=text)
     pred, logits = (out, None) if text is None else out
-    image_loss = diffusion.loss(pred, x0, b["noise"], b["t"], copies(mask.ar_weights(steps, o.ar_lambda)),
+    image_loss = objective.loss(pred, x0, b["noise"], b["t"], copies(mask.ar_weights(steps, o.ar_lambda)),
                                 o.loss_weighting, o.snr_gamma)
     if text is None:
         return image_loss, image_loss, None, None

@@ -6,9 +6,9 @@ quality against their step counts on a checkpoint of the class demo.
     python -m benchmarks.bench --device cuda --what sample --size XL --input-size 16 --in-channels 16 --patch-size 1 \
         --num-cond-tokens 64 --steps 250 --sample-scales 1.5 --ar-steps 1 4 16
 
-Training: one optimizer step (forward, backward, clip, AdamW, EMA) on fixed inputs, timed for the fast path
-(SDPA's fused kernels, and torch.compile with --compile) and for the reference path (the same model with
-SDPA's math backend, no compile). Sampling: images/s of diffusion mode and AR mode at S = 4, 16, 64 and L
+Training: train.py's optimizer step (forward_losses, backward, clip, AdamW, EMA) on a fixed micro-batch, timed
+for the fast path (SDPA's fused kernels, and torch.compile with --compile) and for the reference path (the same
+model with SDPA's math backend, no compile). Sampling: images/s of diffusion mode and AR mode at S = 4, 16, 64 and L
 through the KV cache, same samples and DDPM steps, with and without CFG. Medians over --repeats (training)
 and --sample-repeats after a warm-up, in rounds that run every configuration once, so that the ratios
 hold on a shared machine; CUDA is synchronized before every clock read.
@@ -37,7 +37,7 @@ import mask
 import demos
 from checkpoint import load_checkpoint
 from runtime import parse_config
-from diffusion import Diffusion
+from diffusion import Objective
 from inference import make_diffusion, sample_batch, sample_images
 from fid import frechet_distance
 from model import CausalFusion, training_flops
@@ -108,23 +108,30 @@ def build_model(cfg, device, **text_options):
                         in_channels=cfg["in_channels"], num_cond_tokens=cfg["num_cond_tokens"], **text_options).to(device)
 
 
+def micro_batch(model, n, g):
+    """A micro-batch of forward_losses (train.py's step) of n examples on random tokens, at the paper's gamma 0.9:
+    clean and noise (n, L, P), timesteps t (n,), labels y (n,), order (n, L) and AR step ids steps (n, L)."""
+    L = model.num_tokens
+    steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
+    return dict(clean=torch.randn(n, L, model.token_dim, generator=g),
+                noise=torch.randn(n, L, model.token_dim, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
+                y=torch.randint(0, model.num_classes, (n,), generator=g),
+                order=mask.token_order(n, model.grid_size, model.grid_size, "random", g), steps=steps)
+
+
 def bench_text(cfg, device, amp):
     """train.py's step (forward_losses, backward, clip, AdamW, EMA) of the class-conditional model against the
     multimodal one: a text of text_len tokens instead of the class tokens, 10% of it captions with their
     next-token loss over the text vocabulary; same image shape and batch, fast path, timed in rounds."""
     g = torch.Generator().manual_seed(cfg["seed"])
-    n, diffusion, fns = cfg["batch_size"], Diffusion(), {}
+    n, objective, fns = cfg["batch_size"], Objective(), {}
     step_options = StepOptions.defaults()  # train.py's defaults: the paper's recipe
     for name, options in (("class", {}), ("text", dict(text_vocab=cfg["text_vocab"], text_len=cfg["text_len"]))):
         model = build_model(cfg, device, **options)
         ema = copy.deepcopy(model).requires_grad_(False)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-        L = model.num_tokens
-        steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
-        b = dict(clean=torch.randn(n, L, model.token_dim, generator=g), noise=torch.randn(n, L, model.token_dim, generator=g),
-                 t=torch.randint(0, 1000, (n,), generator=g), y=torch.randint(0, model.num_classes, (n,), generator=g),
-                 order=mask.token_order(n, model.grid_size, model.grid_size, "random", g), steps=steps)
+        L, b = model.num_tokens, micro_batch(model, n, g)
         if options:
             b.update(text=torch.randint(0, cfg["text_vocab"], (n, cfg["text_len"]), generator=g), y=None,
                      text_len=torch.randint(2, cfg["text_len"] + 1, (n,), generator=g),
@@ -134,7 +141,7 @@ def bench_text(cfg, device, amp):
 
         def step(model=model, train_model=train_model, ema=ema, params=params, optimizer=optimizer, b=b):
             with amp:
-                loss = forward_losses(train_model, model, diffusion, b, step_options)[0]
+                loss = forward_losses(train_model, model, objective, b, step_options)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -156,15 +163,9 @@ def bench_train(cfg, device, amp):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     g = torch.Generator().manual_seed(cfg["seed"])
-    n, L, diffusion = cfg["batch_size"], model.num_tokens, Diffusion()
-    order = mask.token_order(n, model.grid_size, model.grid_size, "random", g)
-    steps = mask.sample_step_ids(mask.sample_num_steps(n, L, 0.9, g), L, g)
-    inputs = dict(x0=torch.randn(n, L, model.token_dim, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
-                  noise=torch.randn(n, L, model.token_dim, generator=g), weights=mask.ar_weights(steps, 2.0),
-                  y=torch.randint(0, model.num_classes, (n,), generator=g), pos=order,
-                  attn_mask=mask.causal_mask(steps, steps, model.num_prefix_tokens))
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    flops = training_flops(model, inputs["attn_mask"])
+    n, L, objective, step_options = cfg["batch_size"], model.num_tokens, Objective(), StepOptions.defaults()
+    b = {k: v.to(device) for k, v in micro_batch(model, n, g).items()}
+    flops = training_flops(model, mask.causal_mask(b["steps"], b["steps"], model.num_prefix_tokens))
     steps = {}
     for path in ("reference", "fast"):
         train_model = torch.compile(model) if path == "fast" and cfg["compile"] else model
@@ -172,7 +173,7 @@ def bench_train(cfg, device, amp):
 
         def step(train_model=train_model, kernels=kernels):
             with kernels(), amp:
-                loss = diffusion.training_loss(train_model, **inputs)
+                loss = forward_losses(train_model, model, objective, b, step_options)[0]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -210,14 +211,14 @@ def bench_sample(cfg, device, dtype):
     n, L = cfg["batch_size"], model.num_tokens
     labels = torch.arange(n) % model.num_classes
     samplers = [make_diffusion(cfg["steps"])] + [parse_sampler(spec, "--samplers") for spec in cfg["samplers"]]
-    samplers = {f"{d.sampler}-{len(d.timesteps)}": d for d in samplers}
+    samplers = {f"{d.name}-{len(d.timesteps)}": d for d in samplers}
     runs = {}
     for sampler, diffusion in samplers.items():
         for scale in cfg["sample_scales"]:
             for s in sorted({min(s or L, L) for s in cfg["ar_steps"]}):
                 run = functools.partial(sample_batch, model, labels=labels, batch_seed=cfg["seed"], ar_steps=s,
                                         cfg_scale=scale, dtype=dtype)
-                run(diffusion=make_diffusion(2, diffusion.sampler))  # warm-up: the same calls, two steps
+                run(diffusion=make_diffusion(2, diffusion.name))  # warm-up: the same calls, two steps
                 runs[(sampler, scale, s)] = functools.partial(run, diffusion=diffusion)
     results = {key: seconds for key, (seconds, _) in timed_rounds(runs, cfg["sample_repeats"], device).items()}
     rows, first = {}, min(s for _, _, s in results)  # S = 1 unless --ar-steps leaves it out

@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mask
 import tokenization
-from diffusion import Diffusion
+from diffusion import Objective
 from inference import make_diffusion, sample_batch
 from model import training_flops
 from runtime import (ConfigError, autocast, autocast_dtype, device_peak_flops, distributed, micro_batches,
@@ -138,18 +138,18 @@ def training_micro_batch(cfg, model, latent_shape, num_classes, text_vocab, seed
     tokenizer = tokenization.ByteTokenizer() if text_vocab else None
     g = torch.Generator().manual_seed(seed)
     batch = draw_micro_batch(data, model, torch.arange(cfg["device_batch_size"]), g, StepOptions.from_config(cfg),
-                             diffusion=Diffusion(objective=cfg["objective"]), tokenizer=tokenizer)
+                             objective=Objective(cfg["objective"]), tokenizer=tokenizer)
     batch.pop("truncated", None)
     return batch
 
 
-def train_steps(cfg, model, ema, params, optimizer, batch, amp, n, diffusion):
+def train_steps(cfg, model, ema, params, optimizer, batch, amp, n, objective):
     """n of train.py's optimizer steps on one micro-batch (forward_losses, backward, clip, AdamW, EMA)."""
     options = StepOptions.from_config(cfg)
     train_model = torch.compile(model) if cfg["compile"] else model
     for _ in range(n):
         with amp:
-            loss = forward_losses(train_model, model, diffusion, batch, options)[0]
+            loss = forward_losses(train_model, model, objective, batch, options)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
         optimizer.step()
@@ -163,12 +163,12 @@ def estimate_memory(cfg, latent_shape, num_classes, text_vocab, world):
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build_model(cfg, latent_shape, num_classes, text_vocab, None)[0]
     batch = training_micro_batch(cfg, model, latent_shape, num_classes, text_vocab)  # real: the draws are data
-    diffusion = Diffusion(objective=cfg["objective"])  # real: its schedule's tables are data too
+    objective = Objective(cfg["objective"])  # real: its schedule's tables are data too
     with FakeTensorMode(allow_non_fake_inputs=True), PeakMemory() as tracker, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # PeakMemory's ids
         model, ema, params, optimizer = build_model(cfg, latent_shape, num_classes, text_vocab, None)
         train_steps(dict(cfg, compile=False), model, ema, params, optimizer, batch,
-                    autocast(dtype, torch.device("cpu")), n=2, diffusion=diffusion)
+                    autocast(dtype, torch.device("cpu")), n=2, objective=objective)
     buckets = 4 * sum(p.numel() for p in params) if world > 1 else 0  # DDP's fp32 gradient buckets
     return tracker.peak + buckets
 
@@ -198,12 +198,12 @@ def measure(cfg, latent_shape, num_classes, text_vocab, device, c):
                                                                text_vocab).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    diffusion = Diffusion(objective=cfg["objective"])
-    train_steps(cfg, model, ema, params, optimizer, batch, amp, WARMUP_STEPS, diffusion)
+    objective = Objective(cfg["objective"])
+    train_steps(cfg, model, ema, params, optimizer, batch, amp, WARMUP_STEPS, objective)
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     sync()
     start = time.perf_counter()
-    train_steps(cfg, model, ema, params, optimizer, batch, amp, c["steps"], diffusion)
+    train_steps(cfg, model, ema, params, optimizer, batch, amp, c["steps"], objective)
     sync()
     seconds = (time.perf_counter() - start) / c["steps"]
     flops = training_flops(model, mask.causal_mask(batch["steps"].cpu(), batch["steps"].cpu(),

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import demos
 import mask
 from checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from diffusion import Diffusion, distill_loss, distill_target, draw_intervals, guide_each
+from diffusion import Objective, distill_loss, distill_target, draw_intervals, guide_each
 from latents import LatentData
 from model import CausalFusion
 from runtime import SEED_DISTILL_STEP, autocast, autocast_dtype, launch, parse_config, seeded, step_indices
@@ -88,7 +88,7 @@ def build_student(teacher, seed):
     return student
 
 
-def micro_loss(student, teacher, diffusion, b, scales, cfg, options):
+def micro_loss(student, teacher, objective, b, scales, cfg, options):
     """The distillation loss of one micro-batch b (draw_micro_batch's, on the device) at steps b["t"] of sizes
     b["d"] and guidance scales (N,)."""
     steps, order = b["steps"], b["order"]
@@ -98,9 +98,9 @@ def micro_loss(student, teacher, diffusion, b, scales, cfg, options):
     args = dict(clean=double(b["clean"]), y=torch.cat([b["y"], null]), pos=double(order), attn_mask=double(attn_mask))
 
     def velocity(model, x, t, d=None):
-        out = model(noisy=double(x), t=double(diffusion.model_time(t)), d=None if d is None else double(d), **args)
+        out = model(noisy=double(x), t=double(objective.model_time(t)), d=None if d is None else double(d), **args)
         return guide_each(out, scales)
-    xt = diffusion.q_sample(b["clean"], b["t"], b["noise"])  # (N, L, P)
+    xt = objective.q_sample(b["clean"], b["t"], b["noise"])  # (N, L, P)
     x_end = distill_target(lambda x, t: velocity(teacher, x, t), xt, b["t"], b["d"], cfg["teacher_steps"])
     pred = velocity(student, xt, b["t"], b["d"])
     return distill_loss(pred, xt, x_end, b["d"], mask.ar_weights(steps, options.ar_lambda))
@@ -132,7 +132,7 @@ def distill(cfg, rank, world, device):
     teacher_cfg = teacher_ckpt["config"]
     options = dataclasses.replace(StepOptions.from_config(teacher_cfg), noisy_copies=1, per_step_t=False)
     data = open_data(cfg, teacher_cfg, rank)
-    diffusion = Diffusion(objective="flow")
+    objective = Objective("flow")
     teacher.to(device).requires_grad_(False)
 
     student = build_student(teacher, cfg["seed"]).to(device).train()
@@ -169,13 +169,13 @@ def distill(cfg, rank, world, device):
             group["lr"] = lr
         g = seeded(cfg["seed"], SEED_DISTILL_STEP, step)
         indices = step_indices(step, cfg["batch_size"], len(data), cfg["seed"])
-        b = draw_micro_batch(data, teacher, indices, g, options, diffusion)
+        b = draw_micro_batch(data, teacher, indices, g, options, objective)
         n = len(indices)
         b["t"], b["d"] = draw_intervals(n, cfg["grids"], cfg["fine_steps"], g, options.logit_mean, options.logit_std)
         w = scales[torch.randint(len(scales), (n,), generator=g)]  # (N,)
         b = {k: v.to(device) for k, v in b.items()}
         with amp:
-            loss = micro_loss(student, teacher, diffusion, b, w.to(device), cfg, options)
+            loss = micro_loss(student, teacher, objective, b, w.to(device), cfg, options)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
         optimizer.step()

@@ -97,7 +97,7 @@ FIELDS = {  # what each POST takes
     "crop": {"image"},
 }
 MAX_SEED = 2 ** 32 - 1
-MAX_STEPS = 1000  # the schedule's timesteps (diffusion.Diffusion)
+MAX_STEPS = 1000  # the schedule's timesteps (diffusion.Objective)
 MAX_CFG_SCALE = 20.0  # far above any useful guidance; larger scales only overflow the latents
 MIN_TEMPERATURE = 0.01  # a caption's temperature below it (but 0, greedy) overflows the logits it divides
 MAX_PROMPT_CHARS = 4096  # a longer prompt is refused before it is tokenized
@@ -454,7 +454,7 @@ class Editor:
         return [value], None
 
     def sampling(self, fields, classes, num_tokens):
-        """(seed, Diffusion, sample_batch's options) of the request's sample.py fields."""
+        """(seed, Sampler, sample_batch's options) of the request's sample.py fields."""
         got = {k: typed(fields, k, v) for k, v in self.defaults.items()}
         if not 0 <= got["seed"] <= MAX_SEED:
             raise RequestError(f"seed: expected an integer in 0..{MAX_SEED}, got {shown(got['seed'])}")

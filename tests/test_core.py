@@ -520,7 +520,9 @@ def test_fast_and_reference_attention_paths_agree():
     for kernels in (lambda: sdpa_kernel([SDPBackend.MATH]), contextlib.nullcontext):
         model.zero_grad()
         with kernels():
-            loss = diffusion.Diffusion().training_loss(model, clean, t, noise, mask.ar_weights(steps, 2.0), **kwargs)
+            o = diffusion.Objective()
+            pred = model(clean, o.q_sample(clean, t, noise), o.model_time(t), **kwargs)
+            loss = o.loss(pred, clean, noise, t, mask.ar_weights(steps, 2.0))
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (ref_loss, ref_grads), (fast_loss, fast_grads) = results
@@ -551,21 +553,24 @@ def test_bench_runs_both_benchmarks():
 
 # ------------------------------------------------------------------------------------ diffusion.py
 def test_respaced_schedule_matches_direct_computation():
-    d = diffusion.Diffusion(sample_steps=250)
+    d = diffusion.Sampler(steps=250)
     # ADM's space_timesteps(1000, "250"): round(i * 999 / 249)
     expected = [round(i * 999 / 249) for i in range(250)]
     assert d.timesteps.tolist() == expected
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     full_acp = torch.cumprod(1 - betas, 0)
-    assert torch.allclose(d.alphas_cumprod, full_acp[expected])  # same marginals at the kept steps
+    acp = d.objective.alphas_cumprod[d.timesteps]
+    assert torch.allclose(acp, full_acp[expected])  # same marginals at the kept steps
     # respaced betas reproduce those marginals step by step
-    assert torch.allclose(torch.cumprod(1 - d.betas, 0), full_acp[expected])
+    d_betas, variance, _, _ = diffusion.ddpm_posterior(acp)
+    assert torch.allclose(torch.cumprod(1 - d_betas, 0), full_acp[expected])
     # fixed "large" variance: posterior variance at step 1, then betas
-    acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), d.alphas_cumprod[:-1]])
-    post_var = d.betas * (1 - acp_prev) / (1 - d.alphas_cumprod)
-    assert torch.allclose(d.variance, torch.cat([post_var[1:2], d.betas[1:]]))
-    full = diffusion.Diffusion(sample_steps=1000)
-    assert full.timesteps.tolist() == list(range(1000)) and torch.allclose(full.betas, betas)
+    acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+    post_var = d_betas * (1 - acp_prev) / (1 - acp)
+    assert torch.allclose(variance, torch.cat([post_var[1:2], d_betas[1:]]))
+    full = diffusion.Sampler(steps=1000)
+    full_betas = diffusion.ddpm_posterior(full.objective.alphas_cumprod[full.timesteps])[0]
+    assert full.timesteps.tolist() == list(range(1000)) and torch.allclose(full_betas, betas)
 
 
 def adm_space_timesteps(num_timesteps, section_counts):
@@ -586,37 +591,39 @@ def adm_space_timesteps(num_timesteps, section_counts):
 
 def test_respacing_is_adms_for_every_number_of_steps():
     for n in range(1, 1001):
-        d = diffusion.Diffusion(sample_steps=n)
+        d = diffusion.Sampler(steps=n)
         assert d.timesteps.tolist() == sorted(adm_space_timesteps(1000, [n])), n
-        assert len(d.step_coefs) == n
+        assert len(d.coefs) == n
     # one DDPM step (N = 1) maps noise straight to the x0 prediction at t = 0
-    d, x, eps = diffusion.Diffusion(sample_steps=1), torch.randn(3, 4), torch.randn(3, 4)
-    acp = d.full_alphas_cumprod[0].float()
-    assert torch.allclose(d.step(x, eps, 0, None), (x - (1 - acp).sqrt() * eps) / acp.sqrt(), atol=1e-5)
+    d, x, eps = diffusion.Sampler(steps=1), torch.randn(3, 4), torch.randn(3, 4)
+    acp = d.objective.alphas_cumprod[0].float()
+    assert torch.allclose(d.step(x, eps, 0, None, None)[0], (x - (1 - acp).sqrt() * eps) / acp.sqrt(), atol=1e-5)
 
 
 def test_q_sample_and_posterior():
-    d = diffusion.Diffusion(sample_steps=1000)
+    d = diffusion.Sampler(steps=1000)
     g = torch.Generator().manual_seed(8)
     x0, noise = torch.randn(2, 5, 3, generator=g), torch.randn(2, 5, 3, generator=g)
     t = torch.tensor([0, 999])
-    xt = d.q_sample(x0, t, noise)
-    acp = d.alphas_cumprod[t].float()[:, None, None]
+    xt = d.objective.q_sample(x0, t, noise)
+    acp = d.objective.alphas_cumprod[t].float()[:, None, None]
     assert torch.allclose(xt, acp.sqrt() * x0 + (1 - acp).sqrt() * noise)
     per_token_t = torch.tensor([[0, 1, 2, 3, 4], [999, 998, 10, 500, 0]])
-    xt2 = d.q_sample(x0, per_token_t, noise)
-    acp2 = d.alphas_cumprod[per_token_t].float()[..., None]
+    _, variance, coef_x0, coef_xt = diffusion.ddpm_posterior(d.objective.alphas_cumprod[d.timesteps])
+    xt2 = d.objective.q_sample(x0, per_token_t, noise)
+    acp2 = d.objective.alphas_cumprod[per_token_t].float()[..., None]
     assert torch.allclose(xt2, acp2.sqrt() * x0 + (1 - acp2).sqrt() * noise)
     # one ancestral step with the true noise: the posterior mean of q(x_{t-1} | x_t, x_0) plus sigma_t z
     for i in (0, 1, 700, 999):
-        xt = d.q_sample(x0, torch.full((2,), int(d.timesteps[i])), noise)
+        xt = d.objective.q_sample(x0, torch.full((2,), int(d.timesteps[i])), noise)
         z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(i)) if i else 0
-        expected = d.coef_x0[i] * x0 + d.coef_xt[i] * xt + d.variance[i].sqrt() * z
-        assert torch.allclose(d.step(xt, noise, i, torch.Generator().manual_seed(i)), expected.float(), atol=1e-4), i
+        expected = coef_x0[i] * x0 + coef_xt[i] * xt + variance[i].sqrt() * z
+        step = d.step(xt, noise, i, None, torch.Generator().manual_seed(i))[0]
+        assert torch.allclose(step, expected.float(), atol=1e-4), i
 
 
 def test_cfg_scale_one_is_conditional():
-    d = diffusion.Diffusion(sample_steps=10)
+    d = diffusion.Sampler(steps=10)
 
     def pair_fn(x, t):  # a doubled batch [cond; uncond] whose halves predict differently
         half = x.shape[0] // 2
@@ -641,11 +648,11 @@ def test_cfg_scale_one_is_conditional():
 
 def test_sampler_recovers_a_point_mass():
     # with the exact eps of a point-mass data distribution, DDPM sampling lands on that point
-    d = diffusion.Diffusion(sample_steps=50)
+    d = diffusion.Sampler(steps=50)
     target = torch.tensor([[0.5, -1.0, 2.0]])
 
     def eps_fn(x, t):
-        acp = d.full_alphas_cumprod[t].float()
+        acp = d.objective.alphas_cumprod[t].float()
         return (x - acp.sqrt() * target) / (1 - acp).sqrt()
 
     x = torch.randn(4, 1, 3, generator=torch.Generator().manual_seed(0))
@@ -656,7 +663,7 @@ def test_sampler_recovers_a_point_mass():
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=4, num_classes=10, num_cond_tokens=4)
-    d = diffusion.Diffusion()
+    d = diffusion.Objective()
     g = torch.Generator().manual_seed(9)
     x0 = patchify(torch.randn(8, 4, 8, 8, generator=g), 2)
     y = torch.arange(8) % 10
@@ -667,8 +674,9 @@ def test_tiny_model_overfits_one_batch():
     clean = x0.gather(1, order[..., None].expand_as(x0))
     losses = []
     for _ in range(150):
-        loss = d.training_loss(model, clean, t, noise, mask.ar_weights(steps, 2.0), y=y, pos=order,
-                               attn_mask=mask.causal_mask(steps, steps, 4))
+        pred = model(clean, d.q_sample(clean, t, noise), d.model_time(t), y=y, pos=order,
+                     attn_mask=mask.causal_mask(steps, steps, 4))
+        loss = d.loss(pred, clean, noise, t, mask.ar_weights(steps, 2.0))
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from diffusion import SAMPLERS, Diffusion
+from diffusion import SAMPLERS, Objective, Sampler, ddpm_posterior
 
 torch.set_num_threads(1)
 
@@ -17,7 +17,7 @@ MU, S = 0.3, 0.5  # the data of the closed-form tests: N(MU, S^2) per coordinate
 
 def gaussian_eps(d):
     """The exact E[eps | x_t] of N(MU, S^2) data: x_t ~ N(sqrt(a) MU, a S^2 + 1 - a)."""
-    acp = d.full_alphas_cumprod.tolist()
+    acp = d.objective.alphas_cumprod.tolist()
 
     def eps_fn(x, t):
         a = acp[t]
@@ -69,8 +69,8 @@ def assert_same_run(ours, theirs, tol):
 def schedule_like_ours(sched, d, **set_timesteps):
     """diffusers builds the same linear betas in float32; give it our float64 alphas_cumprod, so the
     comparison checks the solvers and not float32 cumprod rounding. Then its set_timesteps."""
-    assert torch.allclose(sched.alphas_cumprod.double(), d.full_alphas_cumprod, rtol=1e-6, atol=0)
-    sched.alphas_cumprod = d.full_alphas_cumprod.clone()
+    assert torch.allclose(sched.alphas_cumprod.double(), d.objective.alphas_cumprod, rtol=1e-6, atol=0)
+    sched.alphas_cumprod = d.objective.alphas_cumprod.clone()
     with warnings.catch_warnings():  # numpy 2's about torch's __array__, in diffusers' np.array(tensor)
         warnings.simplefilter("ignore", DeprecationWarning)
         sched.set_timesteps(**set_timesteps)
@@ -85,7 +85,7 @@ def test_ddim_matches_diffusers():
     from diffusers import DDIMScheduler
     x = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     for n, eta in ((10, None), (25, None), (20, 0.5), (50, 1.0)):
-        d = Diffusion(n, sampler="ddim", eta=eta, spacing="trailing")
+        d = Sampler(steps=n, name="ddim", eta=eta, spacing="trailing")
         sched = DDIMScheduler(**LINEAR, set_alpha_to_one=True, clip_sample=False, timestep_spacing="trailing")
         schedule_like_ours(sched, d, num_inference_steps=n)
         sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
@@ -101,7 +101,7 @@ def test_ddim_on_any_spacing_matches_diffusers_first_order_dpm_solver():
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     for spacing in ("uniform", "trailing", "logsnr"):
         for n in (1, 7, 30):
-            d = Diffusion(n, sampler="ddim", spacing=spacing)
+            d = Sampler(steps=n, name="ddim", spacing=spacing)
             sched = DPMSolverMultistepScheduler(**LINEAR, algorithm_type="dpmsolver++", solver_order=1)
             schedule_like_ours(sched, d, timesteps=d.timesteps.flip(0).tolist())
             eps_fn = wobbly_eps(d)
@@ -120,7 +120,7 @@ def test_dpm_solver_pp_2m_and_sde_match_diffusers():
     for sampler, algorithm in (("dpm++", "dpmsolver++"), ("dpm++sde", "sde-dpmsolver++")):
         for spacing in ("uniform", "trailing", "logsnr"):
             for n in (2, 3, 10, 40):
-                d = Diffusion(n, sampler=sampler, spacing=spacing)
+                d = Sampler(steps=n, name=sampler, spacing=spacing)
                 sched = DPMSolverMultistepScheduler(**LINEAR, algorithm_type=algorithm, solver_order=2,
                                                     lower_order_final=True)
                 schedule_like_ours(sched, d, timesteps=d.timesteps.flip(0).tolist())
@@ -137,23 +137,24 @@ def test_trailing_spacing_is_diffusers():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             sched.set_timesteps(n)
-        assert Diffusion(n, sampler="ddim", spacing="trailing").timesteps.flip(0).tolist() == sched.timesteps.tolist()
+        assert Sampler(steps=n, name="ddim", spacing="trailing").timesteps.flip(0).tolist() == sched.timesteps.tolist()
 
 
 def test_spacings():
     for n in (1, 2, 5, 18, 40, 250, 999, 1000):
-        uniform = Diffusion(n, sampler="ddim", spacing="uniform").timesteps
-        assert torch.equal(uniform, Diffusion(n).timesteps)  # DDPM's set
+        uniform = Sampler(steps=n, name="ddim", spacing="uniform").timesteps
+        assert torch.equal(uniform, Sampler(steps=n).timesteps)  # DDPM's set
         for spacing in ("uniform", "trailing", "logsnr"):
-            ts = Diffusion(n, sampler="ddim", spacing=spacing).timesteps.tolist()
+            ts = Sampler(steps=n, name="ddim", spacing=spacing).timesteps.tolist()
             assert len(ts) == n and ts == sorted(set(ts)) and 0 <= ts[0] and ts[-1] <= 999, (n, spacing, ts)
             assert n == 1 or ts[-1] == 999 and ts[0] == (round(1000 / n) - 1 if spacing == "trailing" else 0)
     # logsnr: the N points uniform in log-SNR, where no two land on one timestep
-    d = Diffusion(10, sampler="dpm++", spacing="logsnr")
-    lam = (d.alphas_cumprod / (1 - d.alphas_cumprod)).log().flip(0)
+    d = Sampler(steps=10, name="dpm++", spacing="logsnr")
+    acp = d.objective.alphas_cumprod[d.timesteps]
+    lam = (acp / (1 - acp)).log().flip(0)
     assert d.timesteps[0] == 0 and (lam.diff().std() / lam.diff().mean()).abs() < 0.02
-    assert Diffusion(1000, sampler="dpm++", spacing="logsnr").timesteps.tolist() == list(range(1000))
-    assert Diffusion(5, sampler="ddim").spacing == "trailing" and Diffusion(5, sampler="dpm++").spacing == "trailing"
+    assert Sampler(steps=1000, name="dpm++", spacing="logsnr").timesteps.tolist() == list(range(1000))
+    assert Sampler(steps=5, name="ddim").spacing == "trailing" and Sampler(steps=5, name="dpm++").spacing == "trailing"
 
 
 def convergence_slope(sampler, spacing, ns=(20, 40, 80, 160)):
@@ -164,9 +165,9 @@ def convergence_slope(sampler, spacing, ns=(20, 40, 80, 160)):
     x = torch.randn(512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = []
     for n in ns:
-        d = Diffusion(n, sampler=sampler, spacing=spacing)
+        d = Sampler(steps=n, name=sampler, spacing=spacing)
         seen, out = run(d, gaussian_eps(d), x)
-        acp = d.full_alphas_cumprod.tolist()
+        acp = d.objective.alphas_cumprod.tolist()
         (x_start, t_start), (x_end, t_end) = seen[0], seen[-1]
         if sampler == "ddim":
             x_end, a_end = out, 1.0
@@ -200,7 +201,7 @@ def test_stochastic_samplers_sample_the_data():
     eta 1 slowly (0.45 at N = 50, 0.49 at 200)."""
     x = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     for sampler, eta, n, tol in (("ddim", 1.0, 200, 0.02), ("dpm++sde", None, 50, 0.01)):
-        d = Diffusion(n, sampler=sampler, eta=eta, spacing="logsnr")
+        d = Sampler(steps=n, name=sampler, eta=eta, spacing="logsnr")
         out = d.sample(gaussian_eps(d), x, torch.Generator().manual_seed(2))
         assert abs(out.mean() - MU) < 0.01 and abs(out.std() - S) < tol, (sampler, out.mean(), out.std())
 
@@ -208,27 +209,28 @@ def test_stochastic_samplers_sample_the_data():
 def test_ddim_at_eta_one_is_ancestral_with_the_posterior_variance():
     """DDIM's eta = 1 is DDPM's step (same mean) with the "small" variance, the posterior's."""
     for n in (2, 10, 250):
-        ddim, ddpm = Diffusion(n, sampler="ddim", eta=1.0, spacing="uniform"), Diffusion(n)
-        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), ddpm.alphas_cumprod[:-1]])
-        posterior_variance = ddpm.betas * (1 - acp_prev) / (1 - ddpm.alphas_cumprod)
-        ours, theirs = (torch.tensor(d.step_coefs, dtype=torch.float64) for d in (ddim, ddpm))
+        ddim, ddpm = Sampler(steps=n, name="ddim", eta=1.0, spacing="uniform"), Sampler(steps=n)
+        acp = ddpm.objective.alphas_cumprod[ddpm.timesteps]
+        acp_prev = torch.cat([torch.ones(1, dtype=torch.float64), acp[:-1]])
+        posterior_variance = ddpm_posterior(acp)[0] * (1 - acp_prev) / (1 - acp)
+        ours, theirs = (torch.tensor(d.coefs, dtype=torch.float64) for d in (ddim, ddpm))
         assert torch.allclose(ours[:, :2], theirs[:, :2], rtol=1e-9, atol=0), n
         assert torch.allclose(ours[:, 2].square(), posterior_variance, rtol=1e-9, atol=1e-300), n
 
 
 def test_errors_name_the_options():
-    for kwargs, option in ((dict(sampler="euler"), "--sampler"), (dict(sampler="ddpm", eta=0.0), "--eta"),
-                           (dict(sampler="dpm++", eta=0.5), "--eta"), (dict(sampler="dpm++sde", eta=0.5), "--eta"),
-                           (dict(sampler="ddim", eta=-0.1), "--eta"), (dict(sampler="ddim", eta=1.5), "--eta"),
-                           (dict(sample_steps=1, sampler="dpm++"), "--steps"),
-                           (dict(sample_steps=1, sampler="dpm++sde"), "--steps"),
-                           (dict(sample_steps=0, sampler="ddim"), "--steps"), (dict(sample_steps=0), "--steps"),
-                           (dict(sample_steps=1001), "--steps"), (dict(sampler="ddim", spacing="leading"), "--spacing"),
-                           (dict(sampler="ddpm", spacing="trailing"), "--spacing")):
+    for kwargs, option in ((dict(name="euler"), "--sampler"), (dict(name="ddpm", eta=0.0), "--eta"),
+                           (dict(name="dpm++", eta=0.5), "--eta"), (dict(name="dpm++sde", eta=0.5), "--eta"),
+                           (dict(name="ddim", eta=-0.1), "--eta"), (dict(name="ddim", eta=1.5), "--eta"),
+                           (dict(steps=1, name="dpm++"), "--steps"),
+                           (dict(steps=1, name="dpm++sde"), "--steps"),
+                           (dict(steps=0, name="ddim"), "--steps"), (dict(steps=0), "--steps"),
+                           (dict(steps=1001), "--steps"), (dict(name="ddim", spacing="leading"), "--spacing"),
+                           (dict(name="ddpm", spacing="trailing"), "--spacing")):
         with pytest.raises(ValueError, match=re.escape(option)):
-            Diffusion(**{"sample_steps": 10, **kwargs})
+            Sampler(**{"steps": 10, **kwargs})
     with pytest.raises(ValueError) as excinfo:
-        Diffusion(10, sampler="euler")
+        Sampler(steps=10, name="euler")
     assert all(s in str(excinfo.value) for s in SAMPLERS), excinfo.value
 
 
@@ -236,7 +238,7 @@ def test_one_eps_call_per_step():
     x = torch.randn(2, 3)
     for sampler in SAMPLERS:
         for n in (2, 3, 17):
-            d = Diffusion(n, sampler=sampler)
+            d = Sampler(steps=n, name=sampler)
             seen, _ = run(d, lambda x, t: 0.5 * x, x, seed=0)
             assert [t for _, t in seen] == d.timesteps.flip(0).tolist(), sampler
             wrapped = []
@@ -259,7 +261,7 @@ def test_cfg_interval_for_every_sampler():
         assert x.shape[0] == 6 and torch.equal(x[:3], x[3:])
         return torch.cat([cond(x[:3], t), uncond(x[3:], t)])
     for sampler in SAMPLERS[1:]:
-        d = Diffusion(10, sampler=sampler)
+        d = Sampler(steps=10, name=sampler)
         assert d.timesteps.tolist() == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
         for lo, hi in ((300, 700), (0, 1000), (100, 199)):
             by_hand = lambda x, t: uncond(x, t) + 4.0 * (cond(x, t) - uncond(x, t)) if lo <= t < hi else cond(x, t)
@@ -274,7 +276,7 @@ def test_determinism_and_ddpm_untouched():
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     eps_fn = lambda x, t: torch.sin(x) * t / 1000
     for sampler, eta in (("ddpm", None), ("ddim", None), ("ddim", 0.5), ("dpm++", None), ("dpm++sde", None)):
-        d = Diffusion(12, sampler=sampler, eta=eta)
+        d = Sampler(steps=12, name=sampler, eta=eta)
         a, b, c = (d.sample(eps_fn, x, torch.Generator().manual_seed(s)) for s in (5, 5, 6))
         assert torch.equal(a, b), sampler
         assert torch.equal(a, c) == (sampler in ("ddim", "dpm++") and not eta), (sampler, eta)
@@ -282,8 +284,8 @@ def test_determinism_and_ddpm_untouched():
             g = torch.Generator().manual_seed(5)
             d.sample(eps_fn, x, g)
             assert torch.equal(g.get_state(), torch.Generator().manual_seed(5).get_state()), sampler
-    d, ddpm = Diffusion(50), Diffusion(50, sampler="ddpm")
-    assert d.step_coefs == ddpm.step_coefs and torch.equal(d.timesteps, ddpm.timesteps)
+    d, ddpm = Sampler(steps=50), Sampler(steps=50, name="ddpm")
+    assert d.coefs == ddpm.coefs and torch.equal(d.timesteps, ddpm.timesteps)
     assert torch.equal(d.sample(eps_fn, x, torch.Generator().manual_seed(1)),
                        ddpm.sample(eps_fn, x, torch.Generator().manual_seed(1)))
 
@@ -352,8 +354,8 @@ def test_flow_euler_matches_diffusers():
     from diffusers import FlowMatchEulerDiscreteScheduler
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     for n in (1, 2, 7, 30):
-        d = Diffusion(n, objective="flow")
-        assert d.sampler == "euler" and d.timesteps.tolist() == [i / n for i in range(1, n + 1)]
+        d = Sampler(steps=n, objective="flow")
+        assert d.name == "euler" and d.timesteps.tolist() == [i / n for i in range(1, n + 1)]
         sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
         sigmas = d.timesteps.flip(0).tolist()
         sched.set_timesteps(sigmas=sigmas)
@@ -369,7 +371,7 @@ def test_flow_dpm_solver_pp_matches_diffusers():
     x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
     for sampler, algorithm in (("dpm++", "dpmsolver++"), ("dpm++sde", "sde-dpmsolver++")):
         for n in (2, 3, 10, 40):
-            d = Diffusion(n, sampler=sampler, objective="flow")
+            d = Sampler(steps=n, name=sampler, objective="flow")
             sched = DPMSolverMultistepScheduler(num_train_timesteps=1000, algorithm_type=algorithm, solver_order=2,
                                                 lower_order_final=True, use_flow_sigmas=True,
                                                 prediction_type="flow_prediction")
@@ -388,7 +390,7 @@ def flow_convergence_slope(sampler, ns=(20, 40, 80, 160)):
     x = torch.randn(512, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     errors = []
     for n in ns:
-        d = Diffusion(n, sampler=sampler, objective="flow")
+        d = Sampler(steps=n, name=sampler, objective="flow")
         seen, out = run(d, lambda x, t: gaussian_velocity(x, t / 1000), x)
         assert seen[0][1] == 1000.0 and torch.equal(seen[0][0], x)
         errors.append((out - flow_ode(x, 1.0, 0.0)).abs().max().item())
@@ -410,7 +412,7 @@ def test_flow_sde_samples_the_data():
     """SDE-DPM-Solver++(2M) along the flow path with the exact velocity: the samples' mean and std (sampling error
     of the std 0.0025)."""
     x = torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    d = Diffusion(50, sampler="dpm++sde", objective="flow")
+    d = Sampler(steps=50, name="dpm++sde", objective="flow")
     out = d.sample(lambda x, t: gaussian_velocity(x, t / 1000), x, torch.Generator().manual_seed(2))
     assert abs(out.mean() - MU) < 0.01 and abs(out.std() - S) < 0.01, (out.mean(), out.std())
 
@@ -427,7 +429,7 @@ def test_flow_loss_and_min_snr_weights_brute_force():
     weights = torch.rand(n, L, generator=g) + 0.5
     acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0).tolist()
     for objective in ("eps", "flow"):
-        d = Diffusion(objective=objective)
+        d = Objective(objective)
         for shape in ((n,), (n, L)):
             t = torch.randint(0, 1000, shape, generator=g) if objective == "eps" else torch.rand(shape, generator=g)
             t[0] = 999 if objective == "eps" else 1.0  # the noisiest end too
@@ -461,7 +463,7 @@ def test_timestep_draws():
     flow's logit(t) ~ N(m, s^2) (Kolmogorov-Smirnov), eps's floor(1000 t) per bin of 100 timesteps (chi-square),
     fixed seeds."""
     from scipy import stats
-    eps, flow = Diffusion(), Diffusion(objective="flow")
+    eps, flow = Objective(), Objective("flow")
     g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
     assert torch.equal(eps.draw_timesteps((6, 2), g1), torch.randint(0, 1000, (6, 2), generator=g2))
     u = flow.draw_timesteps((20000,), torch.Generator().manual_seed(5))
@@ -485,8 +487,8 @@ def test_timestep_draws():
 def test_flow_cfg_interval_is_the_same_noise():
     """A flow time's eps timestep is the first of the 1000-step schedule with at most its SNR (brute force), and
     guidance runs exactly at the visited times whose eps timestep is in [lo, hi)."""
-    d = Diffusion(16, sampler="dpm++", objective="flow")
-    acp = d.full_alphas_cumprod.tolist()
+    d = Sampler(steps=16, name="dpm++", objective="flow")
+    acp = d.objective.alphas_cumprod.tolist()
     for t, k in zip(d.timesteps.tolist(), d.guide_timesteps):
         snr = ((1 - t) / t) ** 2
         first = next((i for i in range(1000) if acp[i] / (1 - acp[i]) <= snr), 999)
@@ -508,15 +510,15 @@ def test_flow_cfg_interval_is_the_same_noise():
 
 def test_flow_errors_name_both():
     for kwargs, words in ((dict(objective="x0"), ("--objective", "eps", "flow")),
-                          (dict(objective="flow", sampler="ddpm"), ("--sampler", "ddpm", "flow", "eps", "euler")),
-                          (dict(objective="eps", sampler="euler"), ("--sampler", "euler", "flow", "eps", "ddpm")),
-                          (dict(objective="flow", sampler="ddim"), ("--sampler", "ddim", "flow")),
+                          (dict(objective="flow", name="ddpm"), ("--sampler", "ddpm", "flow", "eps", "euler")),
+                          (dict(objective="eps", name="euler"), ("--sampler", "euler", "flow", "eps", "ddpm")),
+                          (dict(objective="flow", name="ddim"), ("--sampler", "ddim", "flow")),
                           (dict(objective="flow", spacing="trailing"), ("--spacing", "flow", "uniform")),
-                          (dict(objective="flow", sampler="euler", eta=0.5), ("--eta", "euler"))):
+                          (dict(objective="flow", name="euler", eta=0.5), ("--eta", "euler"))):
         with pytest.raises(ValueError) as excinfo:
-            Diffusion(10, **kwargs)
+            Sampler(steps=10, **kwargs)
         assert all(w in str(excinfo.value) for w in words), (kwargs, excinfo.value)
     with pytest.raises(ValueError) as excinfo:  # an unknown loss weighting
-        Diffusion(objective="flow").loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1),
-                                         torch.zeros(1), torch.ones(1, 1), "snr")
+        Objective("flow").loss(torch.zeros(1, 1, 1), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1),
+                               torch.zeros(1), torch.ones(1, 1), "snr")
     assert "--loss-weighting" in str(excinfo.value) and "min-snr" in str(excinfo.value), excinfo.value

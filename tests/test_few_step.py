@@ -13,7 +13,7 @@ import mask
 import sample
 import train
 from checkpoint import load_checkpoint, read_checkpoint
-from diffusion import Diffusion, distill_target, draw_intervals
+from diffusion import Sampler, distill_target, draw_intervals
 from distill import few_step
 from inference import make_diffusion, sample_batch
 from model import CausalFusion
@@ -109,7 +109,7 @@ def test_learned_steps_are_the_samplers_grid_and_sample_passes_them():
     t, d = draw_intervals(2000, (1, 2, 4), 128, torch.Generator().manual_seed(0))
     seen = set()
     for k in (1, 2, 4):
-        sampler = Diffusion(k, objective="flow")
+        sampler = Sampler(steps=k, objective="flow")
         grid = {(round(float(ti), 6), round(di, 6)) for ti, di in zip(sampler.timesteps, sampler.step_sizes)}
         on = {(round(float(ti), 6), round(float(di), 6)) for ti, di in zip(t, d) if abs(di - 1 / k) < 1e-6}
         assert on == grid, (k, on, grid)  # every step of the grid drawn, nothing else
@@ -118,7 +118,7 @@ def test_learned_steps_are_the_samplers_grid_and_sample_passes_them():
     assert fine.sum() > 300 and len(seen) == 7 and (t[fine] >= 1 / 128).all() and len(set(t[fine].tolist())) > 300
     # the sampler hands the model each step's size, first to last: (t, d) = (1, 0.25), (0.75, 0.25), ...
     calls = []
-    Diffusion(4, objective="flow").sample(lambda x, t, d: calls.append((t, d)) or 0 * x, torch.zeros(1), None,
+    Sampler(steps=4, objective="flow").sample(lambda x, t, d: calls.append((t, d)) or 0 * x, torch.zeros(1), None,
                                           step_size=True)
     assert calls == [(1000.0, 0.25), (750.0, 0.25), (500.0, 0.25), (250.0, 0.25)]
 

@@ -62,7 +62,7 @@ def steps(cfg, shape):
     model, ema, params, optimizer = recipes.build_model(cfg, shape, 10, 0, "cpu")
     batch = recipes.training_micro_batch(cfg, model, shape, 10, 0)
     amp = runtime.autocast(cfg["dtype"], torch.device("cpu"))
-    recipes.train_steps(cfg, model, ema, params, optimizer, batch, amp, 2, recipes.Diffusion(objective="eps"))
+    recipes.train_steps(cfg, model, ema, params, optimizer, batch, amp, 2, recipes.Objective("eps"))
 steps(dict(cfg, size="T", device_batch_size=2), (4, 8, 8))  # the libraries' lazy buffers, before the baseline
 base = rss("VmRSS:")
 steps(cfg, {shape!r})

@@ -22,7 +22,7 @@ import inference
 import mask
 import sample
 import tokenization
-from diffusion import Diffusion
+from diffusion import Objective, Sampler
 from model import CausalFusion, patchify
 from test_core import _authors_state_dict
 from vae import build_vae
@@ -66,7 +66,7 @@ def overfit_model():
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
                              num_classes=4, num_cond_tokens=4)
-        diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
+        objective, g, n, L = Objective(), torch.Generator().manual_seed(0), 16, 16
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
         for _ in range(300):  # train.py's step: random order, split, timestep; label dropout for CFG
             y = torch.randint(4, (n,), generator=g)
@@ -75,8 +75,9 @@ def overfit_model():
             t, noise = torch.randint(0, 1000, (n,), generator=g), torch.randn(n, L, 12, generator=g)
             x0 = patchify(templates()[y], 2).gather(1, order[..., None].expand(n, L, 12))  # AR order
             y = torch.where(torch.rand(n, generator=g) < 0.1, model.null_class, y)
-            loss = diffusion.training_loss(model, x0, t, noise, mask.ar_weights(steps, 2.0), y=y, pos=order,
-                                           attn_mask=mask.causal_mask(steps, steps, 4))
+            pred = model(x0, objective.q_sample(x0, t, noise), objective.model_time(t), y=y, pos=order,
+                         attn_mask=mask.causal_mask(steps, steps, 4))
+            loss = objective.loss(pred, x0, noise, t, mask.ar_weights(steps, 2.0))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -145,7 +146,7 @@ def run_cli(*args, torchrun=False):
 # ------------------------------------------------------------------------------------------------ tests
 def test_same_seed_same_samples():
     model, _ = random_model()
-    vae, kw = build_vae("none"), dict(ar_steps=3, split="random", diffusion=Diffusion(10), batch_size=3)
+    vae, kw = build_vae("none"), dict(ar_steps=3, split="random", diffusion=Sampler(steps=10), batch_size=3)
     a = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
     b = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
     c = inference.sample_images(model, vae, 1.0, 7, seed=6, **kw)
@@ -160,7 +161,7 @@ def test_same_seed_same_samples():
 
 def test_ar_mode_one_step_is_diffusion_mode():
     model, _ = random_model()
-    labels, diffusion = torch.tensor([0, 3, 1]), Diffusion(20)
+    labels, diffusion = torch.tensor([0, 3, 1]), Sampler(steps=20)
     got = inference.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
     # the same draws through generate() with one AR step of all L tokens: bit-identical
     g = torch.Generator().manual_seed(11)
@@ -169,7 +170,7 @@ def test_ar_mode_one_step_is_diffusion_mode():
     direct = inference.generate(model, diffusion, labels, [16], order, noise, 2.0, (0, 600))
     assert sizes == [16] and torch.equal(got, direct)
     # and DiT-style diffusion sampling without a cache: all L noisy tokens in every forward
-    assert_close(got, reference_tokens(model, labels, 11, Diffusion(20), cfg_scale=2.0, cfg_interval=(0, 600)))
+    assert_close(got, reference_tokens(model, labels, 11, Sampler(steps=20), cfg_scale=2.0, cfg_interval=(0, 600)))
 
 
 def test_ar_mode_matches_full_recompute():
@@ -178,8 +179,8 @@ def test_ar_mode_matches_full_recompute():
     model, _ = random_model()
     labels = torch.tensor([2, 0])
     for kw in (dict(ar_steps=16), dict(ar_steps=3, split="random", order="raster", cfg_scale=3.0)):
-        got = inference.sample_batch(model, Diffusion(8), labels, 4, **kw)
-        assert_close(got, reference_tokens(model, labels, 4, Diffusion(8), **kw))
+        got = inference.sample_batch(model, Sampler(steps=8), labels, 4, **kw)
+        assert_close(got, reference_tokens(model, labels, 4, Sampler(steps=8), **kw))
 
 
 def test_fast_samplers_ar_mode_match_full_recompute():
@@ -188,7 +189,7 @@ def test_fast_samplers_ar_mode_match_full_recompute():
     model, _ = random_model()
     labels = torch.tensor([1, 3])
     for sampler, eta in (("ddim", 0.0), ("ddim", 0.7), ("dpm++", None), ("dpm++sde", None)):
-        diffusion = Diffusion(6, sampler=sampler, eta=eta)
+        diffusion = Sampler(steps=6, name=sampler, eta=eta)
         kw = dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700))
         got = inference.sample_batch(model, diffusion, labels, 9, **kw)
         assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
@@ -200,15 +201,15 @@ def test_flow_ar_mode_matches_full_recompute_and_edits_keep_tokens():
     model, _ = random_model()
     labels = torch.tensor([1, 3])
     for sampler in ("euler", "dpm++", "dpm++sde"):
-        diffusion = Diffusion(6, sampler=sampler, objective="flow")
+        diffusion = Sampler(steps=6, name=sampler, objective="flow")
         assert 150 <= diffusion.guide_timesteps[2] < 700 and not 150 <= diffusion.guide_timesteps[0] < 700
         for kw in (dict(ar_steps=4, split="random", cfg_scale=2.5, cfg_interval=(150, 700)),
                    dict(ar_steps=16, cfg_scale=1.5)):
             got = inference.sample_batch(model, diffusion, labels, 9, **kw)
             assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
-    originals = inference.sample_batch(model, Diffusion(5, objective="flow"), torch.tensor([0, 2]), 1)
+    originals = inference.sample_batch(model, Sampler(steps=5, objective="flow"), torch.tensor([0, 2]), 1)
     kept = sample.keep_mask("outer", 4)
-    edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Diffusion(5, objective="flow"), ar_steps=2)
+    edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Sampler(steps=5, objective="flow"), ar_steps=2)
     pos = kept.flatten().nonzero()[:, 0]
     assert torch.equal(edits[:, :, pos], originals[:, None, pos].expand(-1, 2, -1, -1))
     assert not torch.equal(edits[:, :, ~kept.flatten()], originals[:, None, ~kept.flatten()].expand(-1, 2, -1, -1))
@@ -242,8 +243,8 @@ def test_overfit_model_ar_modes_are_class_consistent():
     model, _ = overfit_model()
     vae = build_vae("none")
     for S in (1, 2, 4, 8):
-        images, labels, _ = inference.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S, diffusion=Diffusion(30),
-                                                 seed=S)
+        images, labels, _ = inference.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S,
+                                                 diffusion=Sampler(steps=30), seed=S)
         assert images.shape == (8, 8, 8, 3) and images.dtype == np.uint8
         assert labels.tolist() == [0, 1, 2, 3] * 2
         assert (nearest_template(images) == labels).mean() >= 0.75, (S, nearest_template(images), labels)
@@ -251,12 +252,12 @@ def test_overfit_model_ar_modes_are_class_consistent():
 
 def test_edit_keeps_tokens_bit_identical():
     model, path = overfit_model()
-    originals = inference.sample_batch(model, Diffusion(20), torch.tensor([0, 2]), 1)
+    originals = inference.sample_batch(model, Sampler(steps=20), torch.tensor([0, 2]), 1)
     mask_png = os.path.join(TMP.name, "mask.png")
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((2, 2), np.uint8))).save(mask_png)  # diagonal
     for keep, kw in (("outer", {}), ("top", dict(ar_steps=4)), (mask_png, dict(ar_steps=12, cfg_scale=2.0))):
         kept = sample.keep_mask(keep, model.grid_size)
-        edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Diffusion(20), **kw)  # (2, 2, L, P)
+        edits = sample.edit_tokens(model, originals, kept, [1, 3], 0, Sampler(steps=20), **kw)  # (2, 2, L, P)
         assert edits.shape == (2, 2, 16, 12)
         k = kept.flatten()
         assert torch.equal(edits[:, :, k], originals[:, None, k].expand(-1, 2, -1, -1)), keep
@@ -423,8 +424,9 @@ def test_non_finite_batch_stops_with_its_seed():
     with torch.no_grad():
         broken.final_layer[1].bias[0] = float("nan")
     with pytest.raises(FloatingPointError, match=re.escape("batch 0 (samples 0..1, batch seed 7000021 of --seed 7)")):
-        inference.sample_images(broken, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)
-    inference.sample_images(model, build_vae("none"), 1.0, 5, diffusion=Diffusion(3), seed=7, batch_size=2)  # finite
+        inference.sample_images(broken, build_vae("none"), 1.0, 5, diffusion=Sampler(steps=3), seed=7, batch_size=2)
+    inference.sample_images(model, build_vae("none"), 1.0, 5, diffusion=Sampler(steps=3), seed=7,
+                            batch_size=2)  # finite
 
 
 # ------------------------------------------------------------------------------------------ text models
@@ -459,7 +461,7 @@ def overfit_text_model():
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
                              num_classes=0, text_vocab=tok.vocab_size, text_len=12)
-        diffusion, g, n, L = Diffusion(), torch.Generator().manual_seed(0), 16, 16
+        objective, g, n, L = Objective(), torch.Generator().manual_seed(0), 16, 16
         opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
         options = StepOptions.defaults(text_loss_weight=0.1)
         for _ in range(400):
@@ -470,7 +472,7 @@ def overfit_text_model():
             b = dict(clean=patchify(templates()[k], 2).gather(1, order[..., None].expand(n, L, 12)), y=None,
                      noise=torch.randn(n, L, 12, generator=g), t=torch.randint(0, 1000, (n,), generator=g),
                      order=order, steps=steps, text=text, text_len=lengths, text_after=torch.rand(n, generator=g) < 0.5)
-            loss = forward_losses(model, model, diffusion, b, options)[0]
+            loss = forward_losses(model, model, objective, b, options)[0]
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -484,14 +486,14 @@ def test_text_to_image_matches_full_recompute():
     model, _, tok = text_model()
     text, lengths, _ = tokenization.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
     for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
-        got = inference.sample_batch(model, Diffusion(6), None, 3, text=text, text_lengths=lengths, **kw)
-        assert_close(got, reference_tokens(model, None, 3, Diffusion(6), text=text, text_lengths=lengths, **kw))
+        got = inference.sample_batch(model, Sampler(steps=6), None, 3, text=text, text_lengths=lengths, **kw)
+        assert_close(got, reference_tokens(model, None, 3, Sampler(steps=6), text=text, text_lengths=lengths, **kw))
 
 
 def test_overfit_text_model_generates_and_captions():
     model, path, tok = overfit_text_model()
     vae = build_vae("none")
-    images, prompts, _ = inference.sample_images(model, vae, 1.0, 8, diffusion=Diffusion(30), seed=1, prompts=WORDS,
+    images, prompts, _ = inference.sample_images(model, vae, 1.0, 8, diffusion=Sampler(steps=30), seed=1, prompts=WORDS,
                                               tokenizer=tok, ar_steps=4, cfg_scale=2.0)
     assert list(prompts) == WORDS * 2
     assert (nearest_template(images) == np.arange(8) % 4).mean() >= 0.75, nearest_template(images)

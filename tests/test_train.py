@@ -24,7 +24,7 @@ import train
 import train_monitor
 import train_step
 from train_step import StepOptions
-from diffusion import Diffusion
+from diffusion import Objective
 from latents import LatentData, extract
 from model import CausalFusion, patchify
 
@@ -47,7 +47,7 @@ def _draw(data, model, indices, cfg, tokenizer=None):
     train.py config."""
     return train_step.draw_micro_batch(data, model, indices, runtime.seeded(0, 1, 0, 0),
                                        options=StepOptions.from_config(cfg),
-                                       diffusion=Diffusion(objective=cfg["objective"]), tokenizer=tokenizer)
+                                       objective=Objective(cfg["objective"]), tokenizer=tokenizer)
 
 
 def _load(path):
@@ -250,7 +250,7 @@ def test_default_step_is_the_papers_formula(tmp):
     assert torch.equal(b["order"], order) and torch.equal(b["steps"], steps) and torch.equal(b["t"], t)
     assert torch.equal(b["noise"], noise)
     with torch.no_grad():
-        loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions.defaults())[0]
+        loss = train_step.forward_losses(model, model, Objective(), b, StepOptions.defaults())[0]
         acp = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float()[:, None, None]
         xt = acp.sqrt() * b["clean"] + (1 - acp).sqrt() * noise
         attn = mask.causal_mask(steps, steps, model.num_prefix_tokens)
@@ -390,12 +390,12 @@ def test_single_step_runs_leave_out_the_clean_tokens(tmp):
     forward = model.forward
     model.forward = lambda clean, *a, **kw: seen.append(clean.shape[1]) or forward(clean, *a, **kw)
     with torch.no_grad():
-        loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions.from_config(cfg))[0]
-        xt = Diffusion().q_sample(b["clean"], b["t"], b["noise"])
+        loss = train_step.forward_losses(model, model, Objective(), b, StepOptions.from_config(cfg))[0]
+        xt = Objective().q_sample(b["clean"], b["t"], b["noise"])
         attn = mask.causal_mask(b["steps"], b["steps"], model.num_prefix_tokens)
         eps = forward(b["clean"], xt, b["t"], b["y"], b["order"], attn)
     assert seen == [0] and b["steps"].eq(0).all()
-    static = Diffusion().loss(eps, b["clean"], b["noise"], b["t"], mask.ar_weights(b["steps"], cfg["ar_lambda"]))
+    static = Objective().loss(eps, b["clean"], b["noise"], b["t"], mask.ar_weights(b["steps"], cfg["ar_lambda"]))
     assert torch.allclose(loss, static, rtol=1e-5), (loss, static)
 
 
@@ -440,8 +440,8 @@ def test_noisy_copies_and_per_batch_split(tmp):
         else:
             assert (t == t[:, :, :1]).all() and (t[:, 0] != t[:, 1]).any()
         with torch.no_grad():
-            loss = train_step.forward_losses(model, model, Diffusion(), b, StepOptions.from_config(cfg))[0]
-            parts = [train_step.forward_losses(model, model, Diffusion(),
+            loss = train_step.forward_losses(model, model, Objective(), b, StepOptions.from_config(cfg))[0]
+            parts = [train_step.forward_losses(model, model, Objective(),
                                                dict(b, noise=b["noise"][:, j * L:(j + 1) * L], t=t[:, j]),
                                                StepOptions.from_config(dict(cfg, noisy_copies=1)))[0]
                      for j in range(K)]

@@ -121,8 +121,8 @@ def recipe_config(path, train_config, overrides=None):
 
 
 def recipe_shape(cfg, tiny=False):
-    """(latent shape, classes, text vocabulary) of a recipe's data: its extraction's meta.json where it exists,
-    else LATENT_SHAPES; captioned data (text_first > 0 with a caption extraction) is the LLaMA-3 text model."""
+    """(latent shape, classes, text vocabulary) of a recipe's data, from LATENT_SHAPES (tiny: TINY_LATENTS); a
+    captioned extraction makes a text model, LLaMA-3's vocabulary with --tokenizer, else the byte tokenizer's."""
     text = "captions" in cfg["data"]
     if tiny:
         return TINY_LATENTS, IMAGENET_CLASSES, tokenization.ByteTokenizer.vocab_size if text else 0

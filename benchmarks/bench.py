@@ -1,7 +1,7 @@
 """Speed of training and sampling, the fast path against a plain reference path, in one run; and the samplers'
 quality against their step counts on a checkpoint of the class demo.
 
-    python -m benchmarks.bench                                  # CPU: size T on 16x16x3 pixels (the demo's shape)
+    python -m benchmarks.bench                          # CPU: size T on 16x16x3 pixels (the captioned demo's)
     python -m benchmarks.bench --device cuda --size L --input-size 32 --in-channels 4 --batch-size 32 --compile
     python -m benchmarks.bench --device cuda --what sample --size XL --input-size 16 --in-channels 16 --patch-size 1 \
         --num-cond-tokens 64 --steps 250 --sample-scales 1.5 --ar-steps 1 4 16
@@ -49,7 +49,7 @@ config = dict(
     what="train,sample",  # train, sample, text (a training step with a text against one without), quality
     device="cpu",  # cpu or cuda
     size="T",  # model size (model.py MODEL_SIZES)
-    input_size=16,  # latent side (16 = the demo's 16x16 pixels; 32 = SD latents of 256x256 images)
+    input_size=16,  # latent side (16 = the captioned demo's 16x16 pixels; 32 = SD latents of 256x256 images)
     in_channels=3,  # latent channels (3 pixels, 4 SD, 16 MAR)
     patch_size=2,  # latent pixels per token side
     num_cond_tokens=4,  # class tokens

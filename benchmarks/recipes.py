@@ -18,7 +18,7 @@ the peak resident memory of the same step run on the CPU.
 Measure (--measure): each recipe on --device at its real shape, one micro-batch per step (a GPU's share of the
 global batch, without DDP): seconds per micro-batch, images/s, MFU (model.training_flops against the GPU's bf16
 peak), peak memory (torch.cuda.max_memory_allocated) against the estimate, and sampling images/s in diffusion mode
-and in AR mode (4 steps) with CFG, --sample-steps DDPM steps: a table for docs/performance.md.
+and in AR mode (4 steps) with CFG, --sample-steps DDPM steps: a markdown table of measurements for docs/log.md.
 
 Time estimate: a recipe's images x its training FLOPs per image (gradient checkpointing adds a forward), at the MFU
 of one measured H100 run (REFERENCE_MFU), on 8 H100s; an estimate until --measure refreshes the MFU.
@@ -64,7 +64,7 @@ LATENT_SHAPES = {  # a recipe's `data` (docs/latents.md's extractions) -> its la
     "latents/in256_mar": (16, 16, 16),  # MAR's KL-16, 16x down, of 256 px
     "latents/in512_mar": (16, 32, 32),  # the same of 512 px
 }
-REFERENCE_MFU = 0.315  # train step of L/2, 32 images per H100, bf16, --compile (docs/performance.md)
+REFERENCE_MFU = 0.315  # train step of L/2, 32 images per H100, bf16, --compile (docs/log.md, 2026-11-22)
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
 WARMUP_STEPS = 3  # --measure: untimed micro-batches first (compilation, cuDNN's choices)
 AR_STEPS_MEASURED = (1, 4)  # --measure: sampling in diffusion mode and in AR mode

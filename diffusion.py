@@ -156,7 +156,7 @@ class Sampler:
         name = name or samplers[0]
         if name not in samplers:
             theirs = [o for o in OBJECTIVES if name in SAMPLERS_OF[o]]
-            raise ValueError(f"--sampler must be one of {', '.join(samplers)} for an {kind} model, got {name!r}"
+            raise ValueError(f"--sampler must be one of {', '.join(samplers)} for {kind} models, got {name!r}"
                              + (f" (a sampler of {theirs[0]} models)" if theirs else ""))
         if not 1 <= steps <= (T if kind == "eps" else math.inf):
             raise ValueError(f"--steps must be in 1..{T}, got {steps}")

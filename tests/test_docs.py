@@ -72,7 +72,8 @@ def script_options(path):
 
 
 def commands(page):
-    """(line, script path, [--options]) of every python/torchrun call in the page's fenced blocks."""
+    """(line, script path, [--options], [words after the script]) of every python/torchrun call in the page's
+    fenced blocks."""
     for block in FENCE.findall(read(page)):
         text = re.sub(r"\\\n", " ", block)
         for line in text.splitlines():
@@ -94,32 +95,35 @@ def commands(page):
                         if rest[j] == "-m" and not os.path.exists(os.path.join(ROOT, script.split("/")[0])):
                             break  # another package's module (pytest, pip)
                         options = [x[2:].split("=")[0] for x in rest[j + 1:] if x.startswith("--")]
-                        yield line, script, options
+                        yield line, script, options, rest[j + 1:]
                         break
 
 
 def test_commands_found():
-    found = {script for page in PAGES for _, script, _ in commands(page)}
+    found = {script for page in PAGES for _, script, _, _ in commands(page)}
     assert {"train.py", "sample.py", "fid.py", "extract_latents.py", "editor/app.py"} <= found, found
 
 
 @pytest.mark.parametrize("page", PAGES)
 def test_commands_take_their_options(page):
     bad = []
-    for line, script, options in commands(page):
+    for line, script, options, words in commands(page):
         path = os.path.join(ROOT, script)
         if not os.path.exists(path):
             bad.append(f"{line!r}: no script {script}")
             continue
         known = script_options(path)
         bad += [f"{line!r}: {script} has no --{o}" for o in options if o.replace("-", "_") not in known]
+        if script == "train.py" and "data" in options and not any(w.endswith(".py") for w in words):
+            bad.append(f"{line!r}: train.py --data needs a recipe (its defaults are the CPU demo's)")
     assert not bad, f"{page}:\n" + "\n".join(bad)
 
 
-def test_a_wrong_option_is_found(tmp_path, monkeypatch):
+def test_a_wrong_command_is_found(tmp_path, monkeypatch):
     page = tmp_path / "page.md"
-    page.write_text("```bash\npython sample.py --ckpt X --nonsense 3\n```\n")
+    page.write_text("```bash\npython sample.py --ckpt X --nonsense 3\npython train.py --data D --out O\n```\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
     (tmp_path / "sample.py").write_text("config = dict(ckpt='')\n")
-    with pytest.raises(AssertionError, match="no --nonsense"):
+    (tmp_path / "train.py").write_text("config = dict(data='', out='')\n")
+    with pytest.raises(AssertionError, match="(?s)no --nonsense.*--data needs a recipe"):
         test_commands_take_their_options("page.md")

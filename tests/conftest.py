@@ -14,6 +14,13 @@ def tmp(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def shared(tmp_path_factory):
+    """One folder for the tiny checkpoints one run's tests share (test_sample.py's random_model, overfit_model,
+    text_model: the overfit models train once a run; the editor's servers are cached by checkpoint path), as a str."""
+    return str(tmp_path_factory.mktemp("shared"))
+
+
+@pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
     """A file of random Inception weights in the published file's layout (test_fid.py's), shared by one run's tests."""
     import torch

@@ -22,12 +22,12 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -35,7 +35,7 @@ import inference
 import sample
 from editor import app
 from test_core import _authors_state_dict
-from test_sample import ROOT, TMP, overfit_model, random_model, save_ckpt, text_model
+from test_sample import ROOT, overfit_model, random_model, save_ckpt, text_model
 
 MAX_REQUEST_MB = 0.05  # the test servers refuse bodies over 50 KiB: the tiny images fit, the size test does not
 DEADLINE_S = 1.5  # --request-timeout of the servers that test slow and silent clients
@@ -128,10 +128,9 @@ def wait_until(condition, timeout=60):
     return value
 
 
-def start_editor(ckpt, inherited=""):
-    """A server process `python -m editor.app --ckpt ckpt --port 0`, exec'd after the Python statements
-    `inherited` (signal dispositions it inherits); (process, an object with its server_address, its log file)."""
-    log = os.path.join(tempfile.mkdtemp(dir=TMP.name), "server.log")
+def start_editor(ckpt, log, inherited=""):
+    """A server process `python -m editor.app --ckpt ckpt --port 0` logging to the file log, exec'd after the Python
+    statements `inherited` (signal dispositions it inherits); (process, an object with its server_address, log)."""
     code = f"import os, signal, sys\n{inherited}\nos.execv(sys.executable, sys.argv[1:])"
     with open(log, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "-c", code, sys.executable, "-m", "editor.app", "--ckpt", ckpt,
@@ -154,11 +153,8 @@ def stop_editor(proc, site, log, signum=signal.SIGTERM):
             proc.wait()
         proc.stdout.close()
     assert "Traceback" not in open(log).read(), open(log).read()
-    try:
+    with pytest.raises(ConnectionRefusedError):  # its port is free
         socket.create_connection(site.server_address, timeout=10).close()
-        raise AssertionError(f"port {site.server_address[1]} still open")
-    except ConnectionRefusedError:
-        pass
 
 
 def peak_memory_mb(pid):
@@ -205,8 +201,8 @@ def noise_image(size, seed):
 
 
 # ------------------------------------------------------------------------------------------ the API
-def test_editor_edit_keeps_the_pixels_outside_the_mask():
-    _, path = overfit_model()
+def test_editor_edit_keeps_the_pixels_outside_the_mask(shared):
+    _, path = overfit_model(shared)
     httpd = server(path)
     info = ok(httpd, "/api/info")
     assert (info["image_size"], info["grid"], info["token_pixels"], info["text"]) == (8, 4, 2, False)
@@ -238,12 +234,11 @@ def test_editor_edit_keeps_the_pixels_outside_the_mask():
     assert np.array_equal(other[~inside], original[~inside]) and not np.array_equal(other, edited)
 
 
-def test_editor_answers_equal_sample_py():
-    _, path = overfit_model()
+def test_editor_answers_equal_sample_py(shared, tmp):
+    _, path = overfit_model(shared)
     httpd = server(path)
-    out = tempfile.mkdtemp(dir=TMP.name)
     # an upload: a JPEG of another size and shape, centre-cropped as sample.py --edit crops it
-    photo = os.path.join(out, "photo.jpg")
+    photo = os.path.join(tmp, "photo.jpg")
     Image.fromarray(noise_image(24, 1)[:, :17]).save(photo, quality=90)
     with open(photo, "rb") as f:
         upload = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
@@ -258,65 +253,63 @@ def test_editor_answers_equal_sample_py():
     answer = ok(httpd, "/api/edit", body)
     assert "--edit ORIGINAL.png --keep KEEP.png --classes 2 --seed 7 --num-samples 1" in answer["command"]
     assert "--order raster" in answer["command"] and "--split" not in answer["command"]  # the defaults left out
-    keep = os.path.join(out, "keep.png")
+    keep = os.path.join(tmp, "keep.png")
     Image.fromarray(255 - from_url(answer["mask"])).save(keep)
-    run_command(answer["command"], out, ORIGINAL=photo, KEEP=keep)
-    edit_by_sample_py = figure_cell(os.path.join(out, "edit_keep.png"), 2, 8)
+    run_command(answer["command"], tmp, ORIGINAL=photo, KEEP=keep)
+    edit_by_sample_py = figure_cell(os.path.join(tmp, "edit_keep.png"), 2, 8)
     assert np.array_equal(from_url(answer["image"]), edit_by_sample_py)
     # /api/generate = sample.py --num-samples 1: OUT_DIR/000000.png; with no class, sample.py's class of the seed
     for body in ({"class": "left", "seed": 3, "steps": 10, "ar_steps": 4, "cfg_scale": 3.0}, {"seed": 11, "steps": 5}):
         answer = ok(httpd, "/api/generate", body)
         expected_class = inference.class_labels(1, None, 4, 11).item() if "class" not in body else 3
         assert answer["class"] == expected_class, answer["class"]
-        run_command(answer["command"], out)
-        assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))
+        run_command(answer["command"], tmp)
+        assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(tmp, "000000.png"))))
 
 
-def test_editor_flow_model_uses_its_samplers():
+def test_editor_flow_model_uses_its_samplers(shared, tmp):
     # a flow checkpoint: the page offers the flow samplers, a plain request uses euler (sample.py's default for
     # it) and says so in its command, which computes the same image; an eps sampler is a 400 naming both
-    model, _ = random_model()
-    path = save_ckpt(model, os.path.join(TMP.name, "flow_editor.pt"), config=dict(objective="flow"))
+    model, _ = random_model(shared)
+    path = save_ckpt(model, os.path.join(tmp, "flow_editor.pt"), config=dict(objective="flow"))
     httpd = server(path)
     info = ok(httpd, "/api/info")
     assert info["samplers"] == ["euler", "dpm++", "dpm++sde"] and info["defaults"]["sampler"] == "euler"
     assert info["default_steps"] == inference.DEFAULT_STEPS["flow"]
-    out = tempfile.mkdtemp(dir=TMP.name)
     for body in ({"class": 1, "seed": 2, "steps": 4, "cfg_scale": 2.0}, {"seed": 3, "sampler": "dpm++", "steps": 4}):
         answer = ok(httpd, "/api/generate", body)
         assert f"--sampler {body.get('sampler', 'euler')} --steps 4" in answer["command"], answer["command"]
-        run_command(answer["command"], out)
-        assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))
+        run_command(answer["command"], tmp)
+        assert np.array_equal(from_url(answer["image"]), np.asarray(Image.open(os.path.join(tmp, "000000.png"))))
     status, answer = request(httpd, "POST", "/api/generate", {"sampler": "ddpm"})
     assert status == 400 and "ddpm" in answer["error"] and "flow" in answer["error"], answer
 
 
-def test_editor_text_model_prompts_and_captions():
-    _, path, tok = text_model("text_editor.pt")
+def test_editor_text_model_prompts_and_captions(tmp):
+    _, path, tok = text_model(tmp, "text_editor.pt")
     httpd = server(path)
-    out = tempfile.mkdtemp(dir=TMP.name)
     info = ok(httpd, "/api/info")
     assert info["text"] and info["classes"] == [] and info["text_tokens"] == 12
     generated = ok(httpd, "/api/generate", {"prompt": "a red dot", "seed": 2, "steps": 4, "cfg_scale": 2.0})
     assert generated["prompt"] == "a red dot" and "--prompts 'a red dot'" in generated["command"]
-    run_command(generated["command"], out)
-    assert np.array_equal(from_url(generated["image"]), np.asarray(Image.open(os.path.join(out, "000000.png"))))
+    run_command(generated["command"], tmp)
+    assert np.array_equal(from_url(generated["image"]), np.asarray(Image.open(os.path.join(tmp, "000000.png"))))
     # an edit under a new prompt = sample.py --edit ... --prompts (the text model's edits)
-    original = os.path.join(out, "original.png")
+    original = os.path.join(tmp, "original.png")
     Image.fromarray(from_url(generated["image"])).save(original)
     mask = np.zeros((8, 8), np.uint8)
     mask[:, 4:] = 255
     answer = ok(httpd, "/api/edit", {"image": generated["image"], "mask": to_url(mask), "prompt": "blue",
                                      "seed": 4, "steps": 4, "ar_steps": 2})
-    keep = os.path.join(out, "keep.png")
+    keep = os.path.join(tmp, "keep.png")
     Image.fromarray(255 - from_url(answer["mask"])).save(keep)
-    run_command(answer["command"], out, ORIGINAL=original, KEEP=keep)
-    assert np.array_equal(from_url(answer["image"]), figure_cell(os.path.join(out, "edit_keep.png"), 2, 8))
+    run_command(answer["command"], tmp, ORIGINAL=original, KEEP=keep)
+    assert np.array_equal(from_url(answer["image"]), figure_cell(os.path.join(tmp, "edit_keep.png"), 2, 8))
     # the caption = sample.py --caption's, greedy and sampled
     for fields in ({}, {"temperature": 1.0, "top_k": 5, "seed": 3}):
         caption = ok(httpd, "/api/caption", {"image": generated["image"], **fields})["caption"]
-        jsonl = os.path.join(out, "captions.jsonl")
-        sample.main(["--ckpt", path, "--caption", original, "--out", jsonl, "--out-dir", out]
+        jsonl = os.path.join(tmp, "captions.jsonl")
+        sample.main(["--ckpt", path, "--caption", original, "--out", jsonl, "--out-dir", tmp]
                     + [a for k, v in fields.items() for a in ("--" + k.replace("_", "-"), str(v))])
         assert [json.loads(line)["text"] for line in open(jsonl)] == [caption]
     for body, words in (({"class": 1}, "class: this is a text model"), ({}, "prompt: expected a non-empty string"),
@@ -329,8 +322,8 @@ def test_editor_text_model_prompts_and_captions():
     assert status == 400 and answer["error"].startswith("temperature and top_k: expected 0 (greedy) or >= 0.01"), answer
 
 
-def test_editor_bad_input_gets_400_and_the_server_goes_on():
-    _, path = overfit_model()
+def test_editor_bad_input_gets_400_and_the_server_goes_on(shared):
+    _, path = overfit_model(shared)
     httpd = server(path)
     image, mask = noise_image(8, 2), np.zeros((8, 8), np.uint8)
     mask[:4] = 255
@@ -394,10 +387,10 @@ def test_editor_bad_input_gets_400_and_the_server_goes_on():
     assert ok(httpd, "/api/edit", good) == before  # the next good request still works, and gives the same
 
 
-def test_editor_computes_one_request_at_a_time():
+def test_editor_computes_one_request_at_a_time(shared):
     # several clients at once: each waits for the model (the KV cache and the weights are shared), the answers are
     # those of requests made one after another, and /api/progress shows the work and the waiting
-    _, path = overfit_model()
+    _, path = overfit_model(shared)
     httpd = server(path)
     model = httpd.editor.model
     active, most, seen = [0], [0], []
@@ -432,7 +425,7 @@ def test_editor_computes_one_request_at_a_time():
     assert answers == [ok(httpd, "/api/generate", body) for body in bodies]
 
 
-def test_editor_defaults_and_regions_are_sample_pys():
+def test_editor_defaults_and_regions_are_sample_pys(shared):
     for key, default in app.SAMPLING_DEFAULTS.items():
         assert sample.config[key] == default, key
     for key, default in app.CAPTION_DEFAULTS.items():
@@ -440,7 +433,7 @@ def test_editor_defaults_and_regions_are_sample_pys():
     for key in ("ema", "vae", "vae_ckpt", "tokenizer", "dtype", "device"):  # the model is loaded as sample.py does
         assert app.config[key] == sample.config[key], key
     assert app.config["host"] == "127.0.0.1"
-    _, path = overfit_model()
+    _, path = overfit_model(shared)
     regions = ok(server(path), "/api/info")["regions"]
     # the paper's regenerated regions are the complements of what sample.py --keep keeps
     for name, kept in (("centre", "outer"), ("top", "bottom"), ("bottom", "top"), ("outer", "inner")):
@@ -448,38 +441,37 @@ def test_editor_defaults_and_regions_are_sample_pys():
     assert sum(regions["centre"]) == 4 and sum(regions["outer"]) == 12
 
 
-def test_editor_authors_checkpoint_with_its_vae():
+def test_editor_authors_checkpoint_with_its_vae(tmp):
     # the authors' layout (MAR's VAE, 16x downsampling; random VAE weights) loads as in sample.py, and an edit of
     # a 64 px image is sample.py's
     sd = _authors_state_dict(depth=2, hidden=64, heads=4, patch=1, channels=16, grid=4, num_cond=4, num_classes=10,
                              g=torch.Generator().manual_seed(0))
-    path = os.path.join(TMP.name, "authors_editor.pt")
+    path = os.path.join(tmp, "authors_editor.pt")
     torch.save({"model": sd, "ema": sd, "args": argparse.Namespace(model="CausalFusion-XL")}, path)
     httpd = server(path, vae_ckpt="random")
     info = ok(httpd, "/api/info")
     assert (info["image_size"], info["grid"], info["token_pixels"], info["vae"]) == (64, 4, 16, "mar")
     assert info["classes"] == [str(k) for k in range(10)]
-    out = tempfile.mkdtemp(dir=TMP.name)
-    original = os.path.join(out, "original.png")
+    original = os.path.join(tmp, "original.png")
     Image.fromarray(noise_image(64, 3)).save(original)
     mask = np.zeros((64, 64), np.uint8)
     mask[16:48, 16:48] = 255
     answer = ok(httpd, "/api/edit", {"image": to_url(noise_image(64, 3)), "mask": to_url(mask), "class": "7",
                                      "steps": 3, "seed": 2})
     assert "--vae-ckpt random" in answer["command"] and from_url(answer["image"]).shape == (64, 64, 3)
-    keep = os.path.join(out, "keep.png")
+    keep = os.path.join(tmp, "keep.png")
     Image.fromarray(255 - from_url(answer["mask"])).save(keep)
-    run_command(answer["command"], out, ORIGINAL=original, KEEP=keep)
-    assert np.array_equal(from_url(answer["image"]), figure_cell(os.path.join(out, "edit_keep.png"), 2, 64))
+    run_command(answer["command"], tmp, ORIGINAL=original, KEEP=keep)
+    assert np.array_equal(from_url(answer["image"]), figure_cell(os.path.join(tmp, "edit_keep.png"), 2, 64))
 
 
-def test_editor_command_line():
+def test_editor_command_line(shared, tmp):
     # Ctrl-C and SIGTERM stop it (exit 0, the port freed, no traceback) whatever it inherits: started here as a
     # background job (nohup ... &) starts, SIGINT ignored, and both signals blocked too
-    _, path = overfit_model()
+    _, path = overfit_model(shared)
     inherited = "signal.signal(signal.SIGINT, signal.SIG_IGN)\nsignal.pthread_sigmask(signal.SIG_BLOCK, " \
                 "{signal.SIGINT, signal.SIGTERM})"
-    servers = [start_editor(path, inherited) for _ in range(2)]
+    servers = [start_editor(path, os.path.join(tmp, f"server{i}.log"), inherited) for i in range(2)]
     (proc, site, log), (busy, busy_site, busy_log) = servers
     try:
         assert ok(site, "/api/info")["grid"] == 4
@@ -494,7 +486,7 @@ def test_editor_command_line():
                 server_process.kill()
                 server_process.wait()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    missing = os.path.join(TMP.name, "none.pt")
+    missing = os.path.join(tmp, "none.pt")
     done = subprocess.run([sys.executable, "-m", "editor.app", "--ckpt", missing], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and f"editor/app.py: error: {missing}: no such checkpoint file" in done.stderr and \
@@ -503,19 +495,16 @@ def test_editor_command_line():
                         (["--ckpt", path, "--max-request-mb", "0"], "--max-request-mb must be > 0"),
                         (["--ckpt", path, "--request-timeout", "0"], "--request-timeout must be > 0"),
                         (["--ckpt", path, "--max-waiting", "-1"], "--max-waiting must be >= 0")):
-        try:
+        with pytest.raises(ValueError, match=re.escape(words)):
             app.main(args)
-            raise AssertionError(f"no error for {args}")
-        except ValueError as e:
-            assert words in str(e), (args, str(e))
 
 
 # ------------------------------------------------------------------------------------------ hostile requests
 # one test per probe of issue 33, each against a running server on a tiny checkpoint; /api/info answers after each
-def test_editor_refuses_wide_and_tall_images_before_decoding():
+def test_editor_refuses_wide_and_tall_images_before_decoding(shared, tmp):
     # a W x 1 PNG (a few hundred bytes) would be resized to (W * size) x size by the centre crop: refused from its
     # header, the server's peak memory does not grow; the largest accepted images decode one request at a time
-    proc, site, log = start_editor(random_model()[1])
+    proc, site, log = start_editor(random_model(shared)[1], os.path.join(tmp, "server.log"))
     try:
         mask = np.zeros((8, 8), np.uint8)
         mask[:4] = 255
@@ -549,10 +538,10 @@ def test_editor_refuses_wide_and_tall_images_before_decoding():
         stop_editor(proc, site, log)
 
 
-def test_editor_checks_sizes_before_decoding_a_mask():
+def test_editor_checks_sizes_before_decoding_a_mask(shared, tmp):
     # a 7000 x 7000 1-bit PNG (8 KB) is refused from its header as an image and as a mask, and a mask of the wrong
     # size under the pixel limit (4096 x 4096, 1-bit) is refused before it is decoded (+32 MB if decoded)
-    proc, site, log = start_editor(random_model()[1])
+    proc, site, log = start_editor(random_model(shared)[1], os.path.join(tmp, "server.log"))
     try:
         small = to_url(noise_image(8, 0))
         _, peak = peak_memory_mb(proc.pid)
@@ -570,11 +559,11 @@ def test_editor_checks_sizes_before_decoding_a_mask():
         stop_editor(proc, site, log)
 
 
-def test_editor_answers_only_its_own_origin():
+def test_editor_answers_only_its_own_origin(shared):
     # another Host (a DNS-rebinding page reading the answers), another site's Origin or a form's Content-Type (a
     # page the user visits making the server compute) are refused; the server's own names, and --allow-host's
     # (an SSH tunnel to another port), are answered
-    path = random_model()[1]
+    path = random_model(shared)[1]
     httpd = server(path)
     port = httpd.server_address[1]
     crop = {"image": to_url(noise_image(8, 0))}
@@ -602,8 +591,8 @@ def test_editor_answers_only_its_own_origin():
     assert request(httpd, "GET", "/api/info", None, headers)[0] == 403  # the name is only the tunnelled server's
 
 
-def test_editor_bounds_compute_and_stops_the_work_of_a_gone_client():
-    path = random_model()[1]
+def test_editor_bounds_compute_and_stops_the_work_of_a_gone_client(shared):
+    path = random_model(shared)[1]
     httpd = server(path, max_waiting=1)
     info = ok(httpd, "/api/info")
     cap = info["max_request_steps"]
@@ -654,10 +643,10 @@ def test_editor_bounds_compute_and_stops_the_work_of_a_gone_client():
     still_serving(httpd)
 
 
-def test_editor_bounds_connections_and_the_time_to_send_a_request():
+def test_editor_bounds_connections_and_the_time_to_send_a_request(shared):
     # idle connections: at most max_connections threads serve them, each answered 408 at the deadline; a client
     # sending a byte at a time is answered 408 at the same deadline
-    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+    httpd = server(random_model(shared)[1], max_connections=4, request_timeout=DEADLINE_S)
     serving = lambda: sum("process_request_thread" in t.name for t in threading.enumerate())
     before, start = serving(), time.time()
     idle = [socket.create_connection(httpd.server_address, timeout=30) for _ in range(6)]
@@ -688,8 +677,8 @@ def test_editor_bounds_connections_and_the_time_to_send_a_request():
     still_serving(httpd)
 
 
-def test_editor_malformed_json_and_numbers_get_400_naming_the_field():
-    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+def test_editor_malformed_json_and_numbers_get_400_naming_the_field(shared):
+    httpd = server(random_model(shared)[1], max_connections=4, request_timeout=DEADLINE_S)
     port = httpd.server_address[1]
     cases = [(b'{"seed": ' + b"[" * 5000 + b"]" * 5000 + b"}", "body: JSON nested too deep"),
              (b'{"seed": [' + b"0," * 9000 + b"0]}", f"body: 9003 of the JSON characters [ {{ , :, more than the "
@@ -723,8 +712,8 @@ def test_editor_malformed_json_and_numbers_get_400_naming_the_field():
     still_serving(httpd)
 
 
-def test_editor_bad_request_lines_get_an_answer_and_no_traceback():
-    httpd = server(random_model()[1], max_connections=4, request_timeout=DEADLINE_S)
+def test_editor_bad_request_lines_get_an_answer_and_no_traceback(shared):
+    httpd = server(random_model(shared)[1], max_connections=4, request_timeout=DEADLINE_S)
     port = httpd.server_address[1]
     with server_log(httpd) as log:
         for data, status_, words in (
@@ -741,8 +730,8 @@ def test_editor_bad_request_lines_get_an_answer_and_no_traceback():
     assert "Traceback" not in log.getvalue() and log.getvalue().count('" 408 -') == 1, log.getvalue()
 
 
-def test_editor_checks_content_length_on_every_path():
-    httpd = server(random_model()[1])
+def test_editor_checks_content_length_on_every_path(shared):
+    httpd = server(random_model(shared)[1])
     port = httpd.server_address[1]
     with server_log(httpd) as log:
         for path_, length, status_, words in (
@@ -761,12 +750,11 @@ def test_editor_checks_content_length_on_every_path():
     assert status == 400 and answer["error"] == "Content-Length: expected the body's size in bytes, got \"\"", answer
 
 
-def test_editor_scales_16_bit_images_to_8_bits():
+def test_editor_scales_16_bit_images_to_8_bits(shared, tmp):
     # a dark 16-bit greyscale PNG (1000 of 65535) is dark (its high byte, 3), as an image and as a mask, as in
     # sample.py (--edit, --keep)
-    httpd = server(random_model()[1])
-    out = tempfile.mkdtemp(dir=TMP.name)
-    dark = os.path.join(out, "dark16.png")
+    httpd = server(random_model(shared)[1])
+    dark = os.path.join(tmp, "dark16.png")
     Image.fromarray(np.full((12, 8), 1000, np.uint16)).save(dark)
     with open(dark, "rb") as f:
         url = "data:image/png;base64," + base64.b64encode(f.read()).decode()
@@ -777,14 +765,14 @@ def test_editor_scales_16_bit_images_to_8_bits():
     answer = ok(httpd, "/api/edit", {"image": to_url(noise_image(8, 1)), "mask": to_url(mask), "class": 0,
                                      "steps": 2})
     assert np.array_equal(from_url(answer["mask"]) > 0, mask == 65535)
-    keep = os.path.join(out, "mask16.png")
+    keep = os.path.join(tmp, "mask16.png")
     Image.fromarray(mask).save(keep)
     assert np.array_equal(inference.snap_mask(Image.open(keep), 4).numpy(), token_blocks(mask, 2)[..., 0, 0] == 65535)
 
 
-def test_editor_page_headers():
+def test_editor_page_headers(shared):
     # no other site frames the page, and the Server header does not show the Python version
-    httpd = server(random_model()[1])
+    httpd = server(random_model(shared)[1])
     conn = http.client.HTTPConnection(*httpd.server_address, timeout=30)
     conn.request("GET", "/")
     page = conn.getresponse()
@@ -809,16 +797,15 @@ def browser():
     return webdriver.Chrome(options=options, service=Service(driver))
 
 
-def test_editor_page_in_a_browser():
+def test_editor_page_in_a_browser(shared, tmp):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
-    path = os.environ.get("EDITOR_CKPT") or overfit_model()[1]
+    path = os.environ.get("EDITOR_CKPT") or overfit_model(shared)[1]
     httpd = server(path)
     info = ok(httpd, "/api/info")
     n, size, f = info["grid"], info["image_size"], info["token_pixels"]
-    shots = [tempfile.mkdtemp(dir=TMP.name)] + ([os.environ["EDITOR_SCREENSHOTS"]] if os.environ.get(
-        "EDITOR_SCREENSHOTS") else [])
+    shots = [tmp] + ([os.environ["EDITOR_SCREENSHOTS"]] if os.environ.get("EDITOR_SCREENSHOTS") else [])
     driver = browser()
     try:
         driver.get(f"http://127.0.0.1:{httpd.server_address[1]}/")

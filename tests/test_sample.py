@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -28,7 +27,6 @@ from test_core import _authors_state_dict
 from vae import build_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
-TMP = tempfile.TemporaryDirectory()  # checkpoints shared by the tests of one run
 
 
 def templates():
@@ -50,18 +48,20 @@ def save_ckpt(model, path, config=None):
     return path
 
 
-def random_model():
-    """Untrained tiny model (random head, so outputs are not trivially zero) and its checkpoint."""
+def random_model(folder):
+    """Untrained tiny model (random head, so outputs are not trivially zero) and its checkpoint in folder (conftest's
+    `shared`: saved once a run)."""
     torch.manual_seed(0)
     model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=3, num_classes=4, num_cond_tokens=4)
     torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
-    path = os.path.join(TMP.name, "random.pt")
+    path = os.path.join(folder, "random.pt")
     return model.eval(), path if os.path.exists(path) else save_ckpt(model, path)
 
 
-def overfit_model():
-    """A tiny model trained (~10 s) to generate the 4 templates; cached for the run."""
-    path = os.path.join(TMP.name, "overfit.pt")
+def overfit_model(folder):
+    """A tiny model trained (~10 s) to generate the 4 templates; its checkpoint cached in folder (conftest's `shared`:
+    trained once a run)."""
+    path = os.path.join(folder, "overfit.pt")
     if not os.path.exists(path):
         torch.manual_seed(0)
         model = CausalFusion(hidden_size=64, depth=2, num_heads=4, input_size=8, patch_size=2, in_channels=3,
@@ -133,19 +133,20 @@ def assert_close(got, ref):
     assert err < 1e-5 * max(1.0, ref.abs().max().item()), err
 
 
-def run_cli(*args, torchrun=False):
-    """python sample.py ARGS (or torchrun with 2 CPU processes) in a subprocess; returns its stdout."""
+def run_cli(*args, cwd, torchrun=False):
+    """python sample.py ARGS (or torchrun with 2 CPU processes) in a subprocess in the folder cwd (out/ goes there);
+    returns its stdout."""
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone"] if torchrun else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, *launcher, os.path.join(ROOT, "sample.py"), *map(str, args)],
-                          cwd=TMP.name, env=env, capture_output=True, text=True, timeout=300)  # out/ goes there
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_same_seed_same_samples():
-    model, _ = random_model()
+def test_same_seed_same_samples(shared):
+    model, _ = random_model(shared)
     vae, kw = build_vae("none"), dict(ar_steps=3, split="random", diffusion=Sampler(steps=10), batch_size=3)
     a = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
     b = inference.sample_images(model, vae, 1.0, 7, seed=5, **kw)
@@ -159,8 +160,8 @@ def test_same_seed_same_samples():
     assert np.array_equal(np.concatenate([s[0] for s in shares])[order], a[0])
 
 
-def test_ar_mode_one_step_is_diffusion_mode():
-    model, _ = random_model()
+def test_ar_mode_one_step_is_diffusion_mode(shared):
+    model, _ = random_model(shared)
     labels, diffusion = torch.tensor([0, 3, 1]), Sampler(steps=20)
     got = inference.sample_batch(model, diffusion, labels, 11, ar_steps=1, cfg_scale=2.0, cfg_interval=(0, 600))
     # the same draws through generate() with one AR step of all L tokens: bit-identical
@@ -173,20 +174,20 @@ def test_ar_mode_one_step_is_diffusion_mode():
     assert_close(got, reference_tokens(model, labels, 11, Sampler(steps=20), cfg_scale=2.0, cfg_interval=(0, 600)))
 
 
-def test_ar_mode_matches_full_recompute():
+def test_ar_mode_matches_full_recompute(shared):
     # the KV cache (class tokens once, each step's clean tokens once) gives what recomputing everything gives:
     # token by token (S = L), and a random split in raster order with CFG
-    model, _ = random_model()
+    model, _ = random_model(shared)
     labels = torch.tensor([2, 0])
     for kw in (dict(ar_steps=16), dict(ar_steps=3, split="random", order="raster", cfg_scale=3.0)):
         got = inference.sample_batch(model, Sampler(steps=8), labels, 4, **kw)
         assert_close(got, reference_tokens(model, labels, 4, Sampler(steps=8), **kw))
 
 
-def test_fast_samplers_ar_mode_match_full_recompute():
+def test_fast_samplers_ar_mode_match_full_recompute(shared):
     # each fast sampler runs its whole solver per AR step through the KV cache: equal to the no-cache loop, with CFG
     # and an interval (in timesteps of the 1000-step schedule) that leaves some of the visited steps unguided
-    model, _ = random_model()
+    model, _ = random_model(shared)
     labels = torch.tensor([1, 3])
     for sampler, eta in (("ddim", 0.0), ("ddim", 0.7), ("dpm++", None), ("dpm++sde", None)):
         diffusion = Sampler(steps=6, name=sampler, eta=eta)
@@ -195,10 +196,10 @@ def test_fast_samplers_ar_mode_match_full_recompute():
         assert_close(got, reference_tokens(model, labels, 9, diffusion, **kw))
 
 
-def test_flow_ar_mode_matches_full_recompute_and_edits_keep_tokens():
+def test_flow_ar_mode_matches_full_recompute_and_edits_keep_tokens(shared):
     # a flow model's samplers through the KV cache, AR mode with CFG and an interval (eps timesteps, mapped to flow
     # times by SNR), equal the no-cache loop; editing keeps the kept tokens bit for bit
-    model, _ = random_model()
+    model, _ = random_model(shared)
     labels = torch.tensor([1, 3])
     for sampler in ("euler", "dpm++", "dpm++sde"):
         diffusion = Sampler(steps=6, name=sampler, objective="flow")
@@ -215,15 +216,16 @@ def test_flow_ar_mode_matches_full_recompute_and_edits_keep_tokens():
     assert not torch.equal(edits[:, :, ~kept.flatten()], originals[:, None, ~kept.flatten()].expand(-1, 2, -1, -1))
 
 
-def test_flow_checkpoint_samples_with_no_new_option():
+def test_flow_checkpoint_samples_with_no_new_option(shared, tmp):
     # sample.py on a flow checkpoint: the checkpoint's objective picks the samplers (euler by default), the .npz
     # says so, and it equals inference's samples; a sampler of the other objective is an error naming both
-    model, _ = random_model()
-    path = save_ckpt(model, os.path.join(TMP.name, "flow.pt"), config=dict(objective="flow"))
+    model, _ = random_model(shared)
+    path = save_ckpt(model, os.path.join(tmp, "flow.pt"), config=dict(objective="flow"))
     assert checkpoint.load_checkpoint(path)[1]["objective"] == "flow"
-    out = os.path.join(TMP.name, "flow.npz")
+    out = os.path.join(tmp, "flow.npz")
     run_cli("--ckpt", path, "--num-samples", 3, "--batch-size", 2, "--steps", 3, "--ar-steps", 2, "--cfg-scale", 2,
-            "--cfg-interval", 100, 800, "--classes", 1, 2, "--out", out, "--out-dir", os.path.join(TMP.name, "flow"))
+            "--cfg-interval", 100, 800, "--classes", 1, 2, "--out", out, "--out-dir", os.path.join(tmp, "flow"),
+            cwd=tmp)
     made = json.loads(str(np.load(out)["provenance"]))
     assert (made["objective"], made["sampler"], made["steps"], made["spacing"]) == ("flow", "euler", 3, "uniform")
     images, _, _ = inference.sample_images(model, build_vae("none"), 1.0, 3, [1, 2], ar_steps=2,
@@ -239,8 +241,8 @@ def test_flow_checkpoint_samples_with_no_new_option():
         assert all(w in str(excinfo.value) for w in words), (args, str(excinfo.value))
 
 
-def test_overfit_model_ar_modes_are_class_consistent():
-    model, _ = overfit_model()
+def test_overfit_model_ar_modes_are_class_consistent(shared):
+    model, _ = overfit_model(shared)
     vae = build_vae("none")
     for S in (1, 2, 4, 8):
         images, labels, _ = inference.sample_images(model, vae, 1.0, 8, [0, 1, 2, 3], ar_steps=S,
@@ -250,10 +252,10 @@ def test_overfit_model_ar_modes_are_class_consistent():
         assert (nearest_template(images) == labels).mean() >= 0.75, (S, nearest_template(images), labels)
 
 
-def test_edit_keeps_tokens_bit_identical():
-    model, path = overfit_model()
+def test_edit_keeps_tokens_bit_identical(shared, tmp):
+    model, path = overfit_model(shared)
     originals = inference.sample_batch(model, Sampler(steps=20), torch.tensor([0, 2]), 1)
-    mask_png = os.path.join(TMP.name, "mask.png")
+    mask_png = os.path.join(tmp, "mask.png")
     Image.fromarray(np.kron(np.eye(4, dtype=np.uint8) * 255, np.ones((2, 2), np.uint8))).save(mask_png)  # diagonal
     for keep, kw in (("outer", {}), ("top", dict(ar_steps=4)), (mask_png, dict(ar_steps=12, cfg_scale=2.0))):
         kept = sample.keep_mask(keep, model.grid_size)
@@ -267,9 +269,9 @@ def test_edit_keeps_tokens_bit_identical():
 
     # the command line on a stored image (vae none: the pixels of the kept region come back exactly)
     images = inference.tokens_to_images(originals, model, build_vae("none"), 1.0)
-    np.savez(os.path.join(TMP.name, "orig.npz"), arr_0=images)
-    out_dir = os.path.join(TMP.name, "edit")
-    sample.main(["--ckpt", path, "--edit", os.path.join(TMP.name, "orig.npz"), "--edit-index", "1", "--keep", "top",
+    np.savez(os.path.join(tmp, "orig.npz"), arr_0=images)
+    out_dir = os.path.join(tmp, "edit")
+    sample.main(["--ckpt", path, "--edit", os.path.join(tmp, "orig.npz"), "--edit-index", "1", "--keep", "top",
                  "--classes", "blue", "0", "--num-samples", "2", "--steps", "10", "--out-dir", out_dir])
     fig = np.asarray(Image.open(os.path.join(out_dir, "edit_top.png")))
     assert fig.shape == (2 + 2 * 10, 2 + 4 * 10, 3)  # 2 rows of [original | mask | 2 edits], 8 px + 2 px pad
@@ -284,11 +286,11 @@ def test_edit_keeps_tokens_bit_identical():
     assert os.path.exists(os.path.join(out_dir, "edit_inner.png"))
 
 
-def test_authors_checkpoint_samples():
+def test_authors_checkpoint_samples(tmp):
     g = torch.Generator().manual_seed(0)
     sd = _authors_state_dict(depth=2, hidden=64, heads=4, patch=1, channels=16, grid=4, num_cond=4, num_classes=10,
                              g=g)
-    path = os.path.join(TMP.name, "authors.pt")
+    path = os.path.join(tmp, "authors.pt")
     args = argparse.Namespace(model="CausalFusion-XL", image_size=64, num_classes=10, global_seed=0)
     torch.save({"model": sd, "ema": sd, "opt": {}, "train_steps": 1, "args": args}, path)
     model, meta = checkpoint.load_checkpoint(path)
@@ -296,9 +298,9 @@ def test_authors_checkpoint_samples():
                                 num_classes=10, num_cond_tokens=4, cond_repeat=1, learn_pos=True, mlp_ratio=4.0)
     assert meta["vae"] == "mar" and meta["image_size"] == 64 and meta["scale_factor"] == 0.2325
     assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
-    out = os.path.join(TMP.name, "authors.npz")
+    out = os.path.join(tmp, "authors.npz")
     sample.main(["--ckpt", path, "--vae-ckpt", "random", "--num-samples", "2", "--steps", "5", "--ar-steps", "2",
-                 "--cfg-scale", "1.5", "--out", out, "--out-dir", os.path.join(TMP.name, "authors")])
+                 "--cfg-scale", "1.5", "--out", out, "--out-dir", os.path.join(tmp, "authors")])
     assert np.load(out)["arr_0"].shape == (2, 64, 64, 3)
     # the released XL configuration, inferred from tensor shapes alone (meta device: no memory)
     with torch.device("meta"):
@@ -308,12 +310,12 @@ def test_authors_checkpoint_samples():
     assert config == xl.config and meta["image_size"] == 256 and meta["latent_shape"] == [16, 16, 16]
 
 
-def test_init_from_both_checkpoint_formats():
+def test_init_from_both_checkpoint_formats(shared, tmp):
     # train.py --init-from: another class count keeps the shared rows and the null row, the new classes are fresh;
     # another grid resizes a learned position embedding bicubically and recomputes a fixed sin-cos one
     import torch.nn.functional as F
     from model import sincos_pos_embed
-    small, path = random_model()  # train.py's layout: 4 classes, 8x8 pixels (4x4 tokens), fixed sin-cos
+    small, path = random_model(shared)  # train.py's layout: 4 classes, 8x8 pixels (4x4 tokens), fixed sin-cos
     torch.manual_seed(1)
     fresh = CausalFusion(size="T", input_size=12, patch_size=2, in_channels=3, num_classes=6, num_cond_tokens=4)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -328,7 +330,7 @@ def test_init_from_both_checkpoint_formats():
     # the authors' layout (learned position embedding on a 4x4 grid) into an 8x8 grid
     sd = _authors_state_dict(depth=2, hidden=64, heads=4, patch=1, channels=16, grid=4, num_cond=4, num_classes=10,
                              g=torch.Generator().manual_seed(3))
-    authors = os.path.join(TMP.name, "authors_init.pt")
+    authors = os.path.join(tmp, "authors_init.pt")
     torch.save({"model": sd, "ema": sd, "args": argparse.Namespace(model="CausalFusion-XL")}, authors)
     big = CausalFusion(depth=2, hidden_size=64, num_heads=4, input_size=8, patch_size=1, in_channels=16,
                        num_classes=10, num_cond_tokens=4, learn_pos=True)
@@ -356,9 +358,9 @@ def test_random_and_balanced_classes():
     assert random.min() >= 0 and random.max() < 1000 and torch.bincount(random, minlength=1000).float().std() > 1
 
 
-def test_clear_errors():
-    model, path = random_model()
-    base = ["--ckpt", path, "--steps", "2", "--num-samples", "1", "--out-dir", os.path.join(TMP.name, "errors")]
+def test_clear_errors(shared, tmp):
+    model, path = random_model(shared)
+    base = ["--ckpt", path, "--steps", "2", "--num-samples", "1", "--out-dir", os.path.join(tmp, "errors")]
     for args, words in ((["--cfg-scale", "0.5"], "--cfg-scale"), (["--cfg-interval", "0", "1200"], "--cfg-interval"),
                         (["--ar-steps", "17"], "1..16"), (["--classes", "4"], "--classes [4]"),
                         (["--classes", "purple"], "class names"), (["--edit-class", "0"], "--classes"),
@@ -370,7 +372,7 @@ def test_clear_errors():
         with pytest.raises(ValueError, match=re.escape(words)):
             sample.main(base + args)
     # a truncated checkpoint and a file that is not one: one line naming the file
-    truncated, text = os.path.join(TMP.name, "truncated.pt"), os.path.join(TMP.name, "notes.pt")
+    truncated, text = os.path.join(tmp, "truncated.pt"), os.path.join(tmp, "notes.pt")
     open(truncated, "wb").write(open(path, "rb").read()[:5000])
     open(text, "w").write("not a checkpoint")
     for bad in (truncated, text):
@@ -379,7 +381,7 @@ def test_clear_errors():
         assert f"{bad}: not a readable checkpoint" in str(excinfo.value) and "\n" not in str(excinfo.value), \
             str(excinfo.value)
     # a checkpoint whose tensors do not fit its config: the file, the key and both shapes
-    bad = os.path.join(TMP.name, "bad.pt")
+    bad = os.path.join(tmp, "bad.pt")
     ckpt = torch.load(path, weights_only=True)
     ckpt["model_config"]["num_classes"] = 7
     torch.save(ckpt, bad)
@@ -389,18 +391,18 @@ def test_clear_errors():
     assert "y_embedder.embedding_table.weight: checkpoint (5, 512), config (8, 512)" in str(excinfo.value)
 
 
-def test_npz_and_torchrun_match():
+def test_npz_and_torchrun_match(shared, tmp):
     # the command-line contract; ADM's npz; 2 processes (gloo) give the 1-process file exactly
-    _, path = random_model()
+    _, path = random_model(shared)
     args = ["--ckpt", path, "--num-samples", "5", "--batch-size", "2", "--ar-steps", "4", "--steps", "4",
             "--cfg-scale", "1.5", "--seed", "3"]
-    one, two = os.path.join(TMP.name, "one.npz"), os.path.join(TMP.name, "two.npz")
-    run_cli(*args, "--out", one, "--out-dir", os.path.join(TMP.name, "one"))
-    run_cli(*args, "--out", two, "--out-dir", os.path.join(TMP.name, "two"), torchrun=True)
+    one, two = os.path.join(tmp, "one.npz"), os.path.join(tmp, "two.npz")
+    run_cli(*args, "--out", one, "--out-dir", os.path.join(tmp, "one"), cwd=tmp)
+    run_cli(*args, "--out", two, "--out-dir", os.path.join(tmp, "two"), cwd=tmp, torchrun=True)
     a, b = np.load(one), np.load(two)
     assert a["arr_0"].shape == (5, 8, 8, 3) and a["arr_0"].dtype == np.uint8 and a["labels"].shape == (5,)
     assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["labels"], b["labels"])
-    assert sorted(os.listdir(os.path.join(TMP.name, "two"))) == ["grid.png"]  # no rank files left behind
+    assert sorted(os.listdir(os.path.join(tmp, "two"))) == ["grid.png"]  # no rank files left behind
     # the npz says how it was made, and fid.py prints that beside the scores
     made = json.loads(str(a["provenance"]))
     assert made["ckpt_sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest() and made["ckpt"] == "random.pt"
@@ -412,14 +414,14 @@ def test_npz_and_torchrun_match():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         try:
-            fid.main([one, two, "--metrics", "fid", "--weights", os.path.join(TMP.name, "no_weights.pth")])
+            fid.main([one, two, "--metrics", "fid", "--weights", os.path.join(tmp, "no_weights.pth")])
         except (fid.InputError, FileNotFoundError, OSError, ValueError):
             pass  # no Inception weights here: the provenance lines come first
     assert printed.getvalue().count(f"made by {a['provenance']}") == 2, printed.getvalue()
 
 
-def test_non_finite_batch_stops_with_its_seed():
-    model, _ = random_model()
+def test_non_finite_batch_stops_with_its_seed(shared):
+    model, _ = random_model(shared)
     broken = copy.deepcopy(model)
     with torch.no_grad():
         broken.final_layer[1].bias[0] = float("nan")
@@ -441,20 +443,21 @@ def save_text_ckpt(model, path, tokenizer):
     return path
 
 
-def text_model(path_name="text.pt", **kw):
-    """Untrained tiny text model (byte tokenizer, 12 text tokens, random heads) and its checkpoint."""
+def text_model(folder, path_name="text.pt", **kw):
+    """Untrained tiny text model (byte tokenizer, 12 text tokens, random heads) and its checkpoint folder/path_name."""
     tok = tokenization.ByteTokenizer()
     torch.manual_seed(0)
     model = CausalFusion(size="T", input_size=8, patch_size=2, in_channels=3, num_classes=0, text_vocab=tok.vocab_size,
                          text_len=12, **kw)
     torch.nn.init.normal_(model.final_layer[1].weight, std=0.02)
-    return model.eval(), save_text_ckpt(model, os.path.join(TMP.name, path_name), tok), tok
+    return model.eval(), save_text_ckpt(model, os.path.join(folder, path_name), tok), tok
 
 
-def overfit_text_model():
+def overfit_text_model(folder):
     """A tiny text model trained (~20 s, train.py's loss) on the 4 templates, captioned by WORDS, half of the
-    examples text-first (text-to-image), half image-first (captioning, and the unconditional image loss)."""
-    path = os.path.join(TMP.name, "overfit_text.pt")
+    examples text-first (text-to-image), half image-first (captioning, and the unconditional image loss); its
+    checkpoint cached in folder (conftest's `shared`: trained once a run)."""
+    path = os.path.join(folder, "overfit_text.pt")
     tok = tokenization.ByteTokenizer()
     if not os.path.exists(path):
         from train_step import StepOptions, forward_losses
@@ -480,18 +483,18 @@ def overfit_text_model():
     return checkpoint.load_checkpoint(path)[0], path, tok
 
 
-def test_text_to_image_matches_full_recompute():
+def test_text_to_image_matches_full_recompute(tmp):
     # the text in the KV cache (prompts of different lengths; CFG's no-text half) gives what recomputing the
     # whole [text | clean | noisy] sequence under the mask gives, in diffusion and AR mode
-    model, _, tok = text_model()
+    model, _, tok = text_model(tmp)
     text, lengths, _ = tokenization.tokenize(tok, ["a red circle", "x", "a small blue star on top"], 12)
     for kw in (dict(ar_steps=1, cfg_scale=2.0), dict(ar_steps=5, split="random", cfg_scale=1.5), dict(ar_steps=16)):
         got = inference.sample_batch(model, Sampler(steps=6), None, 3, text=text, text_lengths=lengths, **kw)
         assert_close(got, reference_tokens(model, None, 3, Sampler(steps=6), text=text, text_lengths=lengths, **kw))
 
 
-def test_overfit_text_model_generates_and_captions():
-    model, path, tok = overfit_text_model()
+def test_overfit_text_model_generates_and_captions(shared):
+    model, path, tok = overfit_text_model(shared)
     vae = build_vae("none")
     images, prompts, _ = inference.sample_images(model, vae, 1.0, 8, diffusion=Sampler(steps=30), seed=1, prompts=WORDS,
                                               tokenizer=tok, ar_steps=4, cfg_scale=2.0)
@@ -503,31 +506,31 @@ def test_overfit_text_model_generates_and_captions():
     assert sampled == WORDS  # top-1 sampling is greedy
 
 
-def test_text_model_command_line():
-    model, path, tok = overfit_text_model()
-    out = os.path.join(TMP.name, "t2i.npz")
+def test_text_model_command_line(shared, tmp):
+    model, path, tok = overfit_text_model(shared)
+    out = os.path.join(tmp, "t2i.npz")
     run_cli("--ckpt", path, "--prompts", "red", "blue", "--num-samples", "3", "--steps", "4", "--ar-steps", "2",
-            "--cfg-scale", "2", "--out", out)
+            "--cfg-scale", "2", "--out", out, cwd=tmp)
     saved = np.load(out)
     assert saved["arr_0"].shape == (3, 8, 8, 3) and saved["prompts"].tolist() == ["red", "blue", "red"]
     # captions of an npz (integer sources), of a folder (file names) and of one image
     images = ((templates().permute(0, 2, 3, 1) + 1) * 127.5).round().byte().numpy()
-    np.savez(os.path.join(TMP.name, "four.npz"), arr_0=images)
-    folder = os.path.join(TMP.name, "four")
+    np.savez(os.path.join(tmp, "four.npz"), arr_0=images)
+    folder = os.path.join(tmp, "four")
     os.makedirs(folder, exist_ok=True)
     for i, image in enumerate(images):
         Image.fromarray(image).save(os.path.join(folder, f"{i}.png"))
     for src, sources in (("four.npz", [0, 1, 2, 3]), ("four", ["0.png", "1.png", "2.png", "3.png"])):
-        jsonl = os.path.join(TMP.name, f"{src}.jsonl")
-        run_cli("--ckpt", path, "--caption", os.path.join(TMP.name, src), "--out", jsonl)
+        jsonl = os.path.join(tmp, f"{src}.jsonl")
+        run_cli("--ckpt", path, "--caption", os.path.join(tmp, src), "--out", jsonl, cwd=tmp)
         rows = [json.loads(line) for line in open(jsonl)]
         assert rows == [{"source": s, "text": w} for s, w in zip(sources, WORDS)], rows
-    assert "2.png: top half" in run_cli("--ckpt", path, "--caption", os.path.join(folder, "2.png"))
+    assert "2.png: top half" in run_cli("--ckpt", path, "--caption", os.path.join(folder, "2.png"), cwd=tmp)
     # mismatches are errors that say what to do
-    _, class_ckpt = random_model()
+    _, class_ckpt = random_model(shared)
     for args, expected in ((["--ckpt", class_ckpt, "--prompts", "red"], "class-conditional"),
                            (["--ckpt", path], "--prompts"),
                            (["--ckpt", path, "--caption", folder, "--out", "x.npz"], ".jsonl")):
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=TMP.name,
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], cwd=tmp,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -213,7 +213,7 @@ def _check_type(where, key, value, default):
     if default is None:
         ok = value is None or isinstance(value, str)
     elif kind is float:
-        ok, value = isinstance(value, (int, float)) and not isinstance(value, bool), value
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif kind in (tuple, list):
         ok = isinstance(value, (tuple, list))

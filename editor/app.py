@@ -299,6 +299,7 @@ class Editor:
         self.model_lock, self.progress = threading.Lock(), Progress()
         # one request at a time parses its body and decodes its images: the memory of one, whatever the number
         self.decoding = threading.Lock()
+        self.info_answer = self.info()  # GET /api/info's answer: the same for every request
 
     @contextlib.contextmanager
     def computing(self, task, alive, total=0):
@@ -324,6 +325,7 @@ class Editor:
 
     # -------------------------------------------------------------------------------------- requests
     def info(self):
+        """What the page shows and the limits (computed once: Editor.info_answer)."""
         regions = region_masks(self.grid)
         return dict(image_size=self.size, classes=self.class_names, text=self.text,
                     samplers=list(SAMPLERS_OF[self.objective]), grid=self.grid, token_pixels=self.size // self.grid,
@@ -591,7 +593,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self.send(200, self.server.page, "text/html; charset=utf-8")
         elif path == "/api/info":
-            self.send_json(200, editor.info())
+            self.send_json(200, editor.info_answer)
         elif path == "/api/progress":
             self.send_json(200, editor.progress.state())
         else:

@@ -29,9 +29,10 @@ input, 403 another Host or Origin, 404, 405, 408 past --request-timeout, 414, 41
 when --max-waiting requests already wait; the server's own errors are 500. One request computes at a time (the
 model and its KV cache are not thread-safe), the others wait; a request whose client has gone stops at its next
 sampler step. Limits (MAX_* below, and the max_* options) bound the memory, the compute and the connections of
-hostile requests; /api/info states them (max_*, and memory_mb: the most memory one request and all take). The server listens on 127.0.0.1 unless --host says otherwise, answers
-only requests addressed to it (Host 127.0.0.1:PORT, localhost:PORT, --host:PORT or an --allow-host name) and
-serves its page and this API only: nothing a request names is read from disk. Ctrl-C or SIGTERM stops it.
+hostile requests; /api/info states them (max_*, and memory_mb: the most memory one request and all take). The
+server listens on 127.0.0.1 unless --host says otherwise, answers only requests addressed to it (Host
+127.0.0.1:PORT, localhost:PORT, --host:PORT or an --allow-host name) and serves its page and this API only:
+nothing a request names is read from disk. Ctrl-C or SIGTERM stops it.
 """
 import base64
 import binascii

@@ -585,7 +585,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"Host: {shown(host)} is not this server's address ({', '.join(sorted(allowed))}); "
                                f"another name (an SSH tunnel's port): --allow-host NAME:PORT", 403)
         origin = self.headers.get("Origin")
-        if origin is not None and origin.lower() not in {"http://" + name for name in allowed}:
+        if origin is not None and origin.lower() not in self.server.allowed_origins:
             raise RequestError(f"Origin: {shown(origin)} is not this server's page: only the page served here may "
                                f"call the API", 403)
 
@@ -687,6 +687,7 @@ class Server(ThreadingHTTPServer):
         port = self.server_address[1]
         self.allowed_hosts = {f"{name}:{port}".lower() for name in ("127.0.0.1", "localhost", cfg["host"])} | {
             name.lower() for name in cfg["allow_host"]}
+        self.allowed_origins = {"http://" + name for name in self.allowed_hosts}  # the page's, at each name
         with open(PAGE, "rb") as f:
             self.page = f.read()
 

@@ -29,9 +29,10 @@ input, 403 another Host or Origin, 404, 405, 408 past --request-timeout, 414, 41
 when --max-waiting requests already wait; the server's own errors are 500. One request computes at a time (the
 model and its KV cache are not thread-safe), the others wait; a request whose client has gone stops at its next
 sampler step. Limits (MAX_* below, and the max_* options) bound the memory, the compute and the connections of
-hostile requests; /api/info states them (max_*, and memory_mb: the most memory one request and all take). The server listens on 127.0.0.1 unless --host says otherwise, answers
-only requests addressed to it (Host 127.0.0.1:PORT, localhost:PORT, --host:PORT or an --allow-host name) and
-serves its page and this API only: nothing a request names is read from disk. Ctrl-C or SIGTERM stops it.
+hostile requests; /api/info states them (max_*, and memory_mb: the most memory one request and all take). The
+server listens on 127.0.0.1 unless --host says otherwise, answers only requests addressed to it (Host
+127.0.0.1:PORT, localhost:PORT, --host:PORT or an --allow-host name) and serves its page and this API only:
+nothing a request names is read from disk. Ctrl-C or SIGTERM stops it.
 """
 import base64
 import binascii
@@ -299,6 +300,7 @@ class Editor:
         self.model_lock, self.progress = threading.Lock(), Progress()
         # one request at a time parses its body and decodes its images: the memory of one, whatever the number
         self.decoding = threading.Lock()
+        self.info_answer = self.info()  # GET /api/info's answer: the same for every request
 
     @contextlib.contextmanager
     def computing(self, task, alive, total=0):
@@ -324,6 +326,7 @@ class Editor:
 
     # -------------------------------------------------------------------------------------- requests
     def info(self):
+        """What the page shows and the limits (computed once: Editor.info_answer)."""
         regions = region_masks(self.grid)
         return dict(image_size=self.size, classes=self.class_names, text=self.text,
                     samplers=list(SAMPLERS_OF[self.objective]), grid=self.grid, token_pixels=self.size // self.grid,
@@ -582,7 +585,7 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError(f"Host: {shown(host)} is not this server's address ({', '.join(sorted(allowed))}); "
                                f"another name (an SSH tunnel's port): --allow-host NAME:PORT", 403)
         origin = self.headers.get("Origin")
-        if origin is not None and origin.lower() not in {"http://" + name for name in allowed}:
+        if origin is not None and origin.lower() not in self.server.allowed_origins:
             raise RequestError(f"Origin: {shown(origin)} is not this server's page: only the page served here may "
                                f"call the API", 403)
 
@@ -591,7 +594,7 @@ class Handler(BaseHTTPRequestHandler):
         if path in ("/", "/index.html"):
             self.send(200, self.server.page, "text/html; charset=utf-8")
         elif path == "/api/info":
-            self.send_json(200, editor.info())
+            self.send_json(200, editor.info_answer)
         elif path == "/api/progress":
             self.send_json(200, editor.progress.state())
         else:
@@ -684,6 +687,7 @@ class Server(ThreadingHTTPServer):
         port = self.server_address[1]
         self.allowed_hosts = {f"{name}:{port}".lower() for name in ("127.0.0.1", "localhost", cfg["host"])} | {
             name.lower() for name in cfg["allow_host"]}
+        self.allowed_origins = {"http://" + name for name in self.allowed_hosts}  # the page's, at each name
         with open(PAGE, "rb") as f:
             self.page = f.read()
 

@@ -494,7 +494,7 @@ class Editor:
                                                                                         cfg[k])]
         args += ["--edit", "ORIGINAL.png", "--keep", "KEEP.png"] if edit else []
         args += ["--prompts", answer["prompt"]] if "prompt" in answer else ["--classes", str(answer["class"])]
-        args += ["--seed", str(typed(fields, "seed", 0)), "--num-samples", "1"]
+        args += ["--seed", str(typed(fields, "seed", self.defaults["seed"])), "--num-samples", "1"]
         for key, default in self.defaults.items():
             value = typed(fields, key, default)
             if key == "sampler":

@@ -41,8 +41,8 @@ from diffusion import Objective
 from inference import make_diffusion, sample_batch
 from model import training_flops
 from runtime import (ConfigError, autocast, autocast_dtype, device_peak_flops, distributed, micro_batches,
-                     parse_config, read_recipe, read_script_config)
-from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses
+                     parse_config, read_recipe)
+from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses, train_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config = dict(
@@ -238,7 +238,7 @@ def recipe_paths(words):
 def main(argv=None):
     c = dict(config)
     words = parse_config(c, argv, prog="benchmarks.recipes", positional="[RECIPE.py ...]")
-    train_config = read_script_config(os.path.join(ROOT, "train.py"))  # the defaults a recipe overrides
+    train_config = train_defaults()  # the defaults a recipe overrides
     overrides = dict(TINY) if c["tiny"] else {}
     if c["device_batch_size"]:
         overrides["device_batch_size"] = c["device_batch_size"]

@@ -183,12 +183,12 @@ def bench_train(cfg, device, amp):
         for _ in range(cfg["warmup"]):  # compiles, and lets the allocator settle
             step()
         steps[path] = step
-    results = {}
+    results, peak_flops = {}, device_peak_flops(device, cfg["peak_tflops"])
     for path, (seconds, peak) in timed_rounds(steps, cfg["repeats"], device).items():
         results[path] = dict(steps_per_s=1 / seconds, images_per_s=n / seconds, tokens_per_s=n * L / seconds,
                              peak_mem_gib=peak, tflops=flops / seconds / 1e12)
-        if device_peak_flops(device, cfg["peak_tflops"]):
-            results[path]["mfu"] = flops / seconds / device_peak_flops(device, cfg["peak_tflops"])
+        if peak_flops:
+            results[path]["mfu"] = flops / seconds / peak_flops
     return results
 
 

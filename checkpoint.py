@@ -85,11 +85,11 @@ def objective(ckpt):
     return ckpt.get("config", {}).get("objective", "eps")
 
 
-def load_checkpoint(path, use_ema=True, vae=None):
+def load_checkpoint(path, use_ema=True, vae=None, ckpt=None):
     """A train.py or authors' checkpoint -> (CausalFusion in eval mode on the CPU, data meta dict with the
-    objective); vae names the authors' checkpoint's VAE (default mar). A weight that does not fit the config is an
-    error listing all."""
-    sd, model_config, meta = _weights(read_checkpoint(path), path, use_ema, vae)
+    objective); vae names the authors' checkpoint's VAE (default mar); ckpt: the file's dict where the caller has
+    read it already (read_checkpoint). A weight that does not fit the config is an error listing all."""
+    sd, model_config, meta = _weights(read_checkpoint(path) if ckpt is None else ckpt, path, use_ema, vae)
     key = "ema" if use_ema else "model"
     model = CausalFusion(**model_config)
     expected = model.state_dict()

@@ -78,12 +78,15 @@ def launch(cfg, run):
         return run(cfg, rank, world, device)
 
 
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312))  # dense bf16, first name match
+
+
 def device_peak_flops(device, tflops=0.0):
     """The dense bf16 peak of a GPU for MFU (tflops > 0: that), from its name; 0 where unknown (a CPU)."""
     if tflops:
         return tflops * 1e12
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    for key, peak in (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312)):
+    for key, peak in PEAK_TFLOPS:
         if key in name:
             return peak * 1e12
     return 0.0

@@ -183,12 +183,12 @@ def bench_train(cfg, device, amp):
         for _ in range(cfg["warmup"]):  # compiles, and lets the allocator settle
             step()
         steps[path] = step
-    results = {}
+    results, peak_flops = {}, device_peak_flops(device, cfg["peak_tflops"])
     for path, (seconds, peak) in timed_rounds(steps, cfg["repeats"], device).items():
         results[path] = dict(steps_per_s=1 / seconds, images_per_s=n / seconds, tokens_per_s=n * L / seconds,
                              peak_mem_gib=peak, tflops=flops / seconds / 1e12)
-        if device_peak_flops(device, cfg["peak_tflops"]):
-            results[path]["mfu"] = flops / seconds / device_peak_flops(device, cfg["peak_tflops"])
+        if peak_flops:
+            results[path]["mfu"] = flops / seconds / peak_flops
     return results
 
 
@@ -247,13 +247,14 @@ def bench_quality(cfg, device, dtype):
     size, n, seeds = meta["image_size"], cfg["quality_samples"], range(cfg["quality_seeds"])
     real, real_labels = demos.draw_shapes(cfg["quality_real"] // 10, size, seed=10_000)  # unseen in training
     real_mu, real_cov = pixel_stats(real)
-    real_x = torch.from_numpy(real.reshape(len(real), -1)).float()
-    as_unit = lambda x: x / 127.5 - 1  # uint8 pixels as [-1, 1], the demo's latents (KID)
+    flat = lambda images: torch.from_numpy(images.reshape(len(images), -1)).float()  # uint8 (N, H, W, 3) -> (N, D)
+    real_x = flat(real)
+    real_unit = real_x / 127.5 - 1  # pixels as [-1, 1], the demo's latents (KID)
     fd = lambda images: frechet_distance(*pixel_stats(images), real_mu, real_cov)
+    kid = lambda x: demos.KID_SCALE * demos.kernel_distance(x / 127.5 - 1, real_unit)
     fresh = [demos.draw_shapes(n // 10, size, seed=20_000 + s)[0] for s in seeds]
     floor = [fd(images) for images in fresh]
-    kid_floor = [demos.KID_SCALE * demos.kernel_distance(as_unit(torch.from_numpy(images.reshape(len(images), -1))
-                                                                 .float()), as_unit(real_x)) for images in fresh]
+    kid_floor = [kid(flat(images)) for images in fresh]
     print(f"FD of {n} fresh real images against {len(real)} others: {np.mean(floor):.3f} +- {np.std(floor):.3f}; "
           f"KID x {demos.KID_SCALE}: {np.mean(kid_floor):.2f} +- {np.std(kid_floor):.2f}")
     results, vae = {}, build_vae("none")
@@ -269,7 +270,7 @@ def bench_quality(cfg, device, dtype):
                 seconds.append(time.time() - start)
                 scores.append(fd(images))
                 sample_x = torch.from_numpy(images.reshape(n, -1)).float()
-                kids.append(demos.KID_SCALE * demos.kernel_distance(as_unit(sample_x), as_unit(real_x)))
+                kids.append(kid(sample_x))
                 nearest = torch.cdist(sample_x, real_x).argmin(1)
                 accs.append(float((real_labels[nearest.numpy()] == labels).mean()))
             results[(spec, S)] = dict(calls=len(diffusion.timesteps), fd=float(np.mean(scores)),

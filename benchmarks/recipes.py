@@ -40,9 +40,9 @@ import tokenization
 from diffusion import Objective
 from inference import make_diffusion, sample_batch
 from model import training_flops
-from runtime import (ConfigError, autocast, autocast_dtype, device_peak_flops, distributed, micro_batches,
-                     parse_config, read_recipe, read_script_config)
-from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses
+from runtime import (PEAK_TFLOPS, ConfigError, autocast, autocast_dtype, device_peak_flops, distributed,
+                     micro_batches, parse_config, read_recipe)
+from train_step import StepOptions, build_model, draw_micro_batch, ema_update, forward_losses, train_defaults
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config = dict(
@@ -65,7 +65,7 @@ LATENT_SHAPES = {  # a recipe's `data` (docs/latents.md's extractions) -> its la
     "latents/in512_mar": (16, 32, 32),  # the same of 512 px
 }
 REFERENCE_MFU = 0.315  # train step of L/2, 32 images per H100, bf16, --compile (docs/log.md, 2026-11-22)
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM
+H100_BF16_PEAK = dict(PEAK_TFLOPS)["H100"] * 1e12  # dense bf16 FLOP/s of an H100 SXM
 WARMUP_STEPS = 3  # --measure: untimed micro-batches first (compilation, cuDNN's choices)
 AR_STEPS_MEASURED = (1, 4)  # --measure: sampling in diffusion mode and in AR mode
 MEASURE_CFG = 1.5  # --measure: the sampling runs' CFG scale (a doubled batch)
@@ -238,7 +238,7 @@ def recipe_paths(words):
 def main(argv=None):
     c = dict(config)
     words = parse_config(c, argv, prog="benchmarks.recipes", positional="[RECIPE.py ...]")
-    train_config = read_script_config(os.path.join(ROOT, "train.py"))  # the defaults a recipe overrides
+    train_config = train_defaults()  # the defaults a recipe overrides
     overrides = dict(TINY) if c["tiny"] else {}
     if c["device_batch_size"]:
         overrides["device_batch_size"] = c["device_batch_size"]

@@ -124,12 +124,13 @@ def distill(cfg, rank, world, device):
 
     # the frozen teacher, its training's draws (one copy, one time per image: the student's steps), the data
     teacher_ckpt = read_checkpoint(cfg["ckpt"])
-    teacher, meta = load_checkpoint(cfg["ckpt"])
+    teacher, meta = load_checkpoint(cfg["ckpt"], ckpt=teacher_ckpt)
     if meta["objective"] != "flow" or teacher.text_vocab or teacher.step_size:
         raise ValueError(f"--ckpt {cfg['ckpt']}: need a class-conditional train.py checkpoint of --objective flow, "
                          f"got objective {meta['objective']}" + (", a text model" if teacher.text_vocab else "")
                          + (", already a few-step model" if teacher.step_size else ""))
-    teacher_cfg = teacher_ckpt["config"]
+    teacher_cfg, teacher_data = teacher_ckpt["config"], teacher_ckpt["data"]
+    del teacher_ckpt  # its weights and optimizer state: the teacher holds the EMA weights it needs
     options = dataclasses.replace(StepOptions.from_config(teacher_cfg), noisy_copies=1, per_step_t=False)
     data = open_data(cfg, teacher_cfg, rank)
     objective = Objective("flow")
@@ -198,7 +199,7 @@ def distill(cfg, rank, world, device):
         if step % cfg["ckpt_every"] == 0 or step == cfg["max_steps"]:
             state = {"model": student.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                      "step": step, "config": dict(teacher_cfg, few_step=cfg), "model_config": student.config,
-                     "data": teacher_ckpt["data"], "rng": {"torch": torch.get_rng_state()}}
+                     "data": teacher_data, "rng": {"torch": torch.get_rng_state()}}
             save_checkpoint(state, out, False)
             metrics.draw(os.path.join(out, "curves.png"))
     bar.close()

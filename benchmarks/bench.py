@@ -269,7 +269,7 @@ def bench_quality(cfg, device, dtype):
                                                   dtype=dtype)
                 seconds.append(time.time() - start)
                 scores.append(fd(images))
-                sample_x = torch.from_numpy(images.reshape(n, -1)).float()
+                sample_x = flat(images)
                 kids.append(kid(sample_x))
                 nearest = torch.cdist(sample_x, real_x).argmin(1)
                 accs.append(float((real_labels[nearest.numpy()] == labels).mean()))
